@@ -1,0 +1,39 @@
+# Two commands for a fresh machine: `make train` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/r50.py
+WORKDIR ?= workdir/$(basename $(notdir $(CONFIG)))
+ARGS ?=
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup train test lint format bench clean
+
+# The stamp makes setup idempotent: pip runs again only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(PY) -m resnet_jax.train --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) experiments/benchmark.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
