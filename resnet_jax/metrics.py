@@ -17,7 +17,7 @@ import numpy as np
 def confusion_matrix(
     labels: jax.Array, predictions: jax.Array, num_classes: int, mask: jax.Array | None = None
 ) -> jax.Array:
-    """Counts[i, j] = number of examples of true class i predicted as j; masked-out ones count nowhere."""
+    """counts[i, j]: examples of true class i predicted as j; masked-out examples count nowhere."""
     weights = jnp.ones(labels.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
     true = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * weights[:, None]
     predicted = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)

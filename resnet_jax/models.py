@@ -95,7 +95,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A ResNet from a table of stage sizes; `model.apply(v, x, train=False)` returns float32 logits.
+    """A ResNet from a table of stage sizes; `apply(v, x, train=False)` returns float32 logits.
 
     Stage i (1-based) has `stage_sizes[i-1]` blocks of width `stage_widths[i-1]`; every stage after
     the first halves the resolution. `frozen_stages=k` runs the stem and stages 1..k with BN in
@@ -116,7 +116,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
-    bn_momentum: float = 0.9  # torch's momentum=0.1 is the weight of the new batch; flax's is the old
+    bn_momentum: float = 0.9  # torch's momentum=0.1 weighs the new batch; flax's weighs the old
     bn_epsilon: float = 1e-5
 
     @nn.compact
@@ -237,7 +237,7 @@ def get_model(
     if shortcut is not None:
         _check_choice("shortcut", shortcut, SHORTCUTS)
     if frozen_stages < -1:
-        raise ValueError(f"frozen_stages must be -1 (none) or a stage index >= 0, not {frozen_stages}.")
+        raise ValueError(f"frozen_stages must be -1 (none) or a stage index >= 0: {frozen_stages}.")
     common: dict[str, Any] = dict(
         num_classes=num_classes, residual=residual, zero_init_residual=zero_init_residual,
         frozen_stages=frozen_stages, dtype=dtype, axis_name=axis_name,

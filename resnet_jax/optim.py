@@ -79,7 +79,8 @@ def make_schedule(
         scales = {int(b) - warmup_steps: opts["decay_factor"] for b in boundaries}
         main = optax.piecewise_constant_schedule(base_lr, scales)
     elif name == "exponential":
-        main = optax.exponential_decay(base_lr, opts["decay_steps"] or decay_steps, opts["decay_rate"])
+        transition_steps = opts["decay_steps"] or decay_steps
+        main = optax.exponential_decay(base_lr, transition_steps, opts["decay_rate"])
     else:
         main = _time_based(base_lr, opts["decay"])
     if not warmup_steps:
@@ -105,8 +106,8 @@ def make_optimizer(
     """An optax optimizer by name: sgd (momentum, nesterov), adam, adamw, rmsprop (decay, momentum,
     centered).
 
-    `weight_decay` is coupled L2 (added to the gradient, as torch's `weight_decay`) for sgd, adam and
-    rmsprop, and decoupled for adamw; it applies to kernels only unless `decay_all_params`.
+    `weight_decay` is coupled L2 (added to the gradient, as torch's `weight_decay`) for sgd, adam
+    and rmsprop, and decoupled for adamw; it applies to kernels only unless `decay_all_params`.
     `grad_clip_norm` > 0 clips the global gradient norm first.
     """
     opts = _options("optimizer", name, OPTIMIZER_OPTIONS, kwargs)
@@ -116,7 +117,8 @@ def make_optimizer(
         )
     mask = None if decay_all_params else kernels_only
     if name == "sgd":
-        base = optax.sgd(learning_rate, momentum=opts["momentum"] or None, nesterov=opts["nesterov"])
+        momentum = opts["momentum"] or None
+        base = optax.sgd(learning_rate, momentum=momentum, nesterov=opts["nesterov"])
     elif name == "adam":
         base = optax.adam(learning_rate, b1=opts["b1"], b2=opts["b2"], eps=opts["eps"])
     elif name == "adamw":
