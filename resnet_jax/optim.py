@@ -75,8 +75,12 @@ def make_schedule(
         main = optax.cosine_decay_schedule(base_lr, decay_steps, alpha=alpha)
     elif name == "step":
         boundaries: Sequence[int] = opts["boundaries"] or (total_steps // 2, total_steps * 3 // 4)
-        # The joined schedule sees steps counted from the end of warmup.
-        scales = {int(b) - warmup_steps: opts["decay_factor"] for b in boundaries}
+        # The joined schedule sees steps counted from the end of warmup. Coinciding boundaries
+        # (e.g. the defaults of a very short run) each decay once, so their factors multiply.
+        scales: dict[int, float] = {}
+        for b in boundaries:
+            key = int(b) - warmup_steps
+            scales[key] = scales.get(key, 1.0) * opts["decay_factor"]
         main = optax.piecewise_constant_schedule(base_lr, scales)
     elif name == "exponential":
         transition_steps = opts["decay_steps"] or decay_steps
