@@ -1,0 +1,475 @@
+"""Datasets as host uint8 arrays, and the deterministic batch iterators over them.
+
+`load` reads a whole dataset into memory once: a tfds image-classification dataset by name
+(`cifar10`, `cifar100`, `svhn_cropped`, ...) or an image folder (`folder:/path`). Training then
+needs no input pipeline: `train_batches` gathers each batch from a permutation that depends only
+on (seed, epoch), so a resumed run sees exactly the batches it would have seen, and
+`eval_batches` pads the last batch and marks the real examples with a mask.
+
+TensorFlow is imported only inside `load`, for tfds, so importing this module does not import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+FOLDER_PREFIX = "folder:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FOLDER_LAYOUT = (
+    "path/train/<class>/*.png|jpg|jpeg and path/test/<class>/... (and optionally "
+    "path/val/<class>/...), one subfolder per class"
+)
+# Enough for a connection and an answer from the dataset's host; tfds itself waits without limit.
+_NETWORK_PROBE_TIMEOUT_S = 10
+
+Batch = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A problem with the data the user can fix; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split in host memory: uint8 images (N, H, W, C) and int32 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}"
+            )
+        if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be int32 ({len(self.images)},), got {self.labels.dtype} "
+                f"{self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> Split:
+        """The examples at `indices` (integer or boolean), in that order."""
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train, optional validation and test splits of one dataset, and its class names."""
+
+    train: Split
+    val: Split | None
+    test: Split
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image in every split."""
+        return self.train.images.shape[1:]
+
+
+def load(
+    name: str,
+    data_dir: str | None = None,
+    *,
+    image_size: int | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    verify_checksums: bool = True,
+) -> Dataset:
+    """Loads every split of a dataset into host memory as uint8 arrays.
+
+    Args:
+      name: a tfds image-classification dataset (`cifar10`, `cifar100`, `svhn_cropped`, ...;
+        anything with "image" and "label" features and "train" and "test" splits), or
+        `folder:/path` for an image folder laid out as `FOLDER_LAYOUT` says. A folder's class names
+        are its train/ subfolder names, sorted.
+      data_dir: tfds' data directory (default `~/tensorflow_datasets`, or $TFDS_DATA_DIR). A tfds
+        dataset is downloaded and prepared there once. Offline, put the dataset's archive in
+        `<data_dir>/downloads/manual/` (for CIFAR-10, `cifar-10-binary.tar.gz`). Unused for
+        folders.
+      image_size: resize every image once, on load, to image_size x image_size (bilinear, aspect
+        ratio not kept). None keeps the native size; a folder's images must then all have one size.
+        To upscale a small dataset for a big network, resizing on the device (augment's
+        `resize_to`) saves host memory.
+      val_fraction: carve a validation split of this fraction out of train, stratified by class
+        and seeded by `seed`: each class gives round-half-up(val_fraction * its count) examples.
+        Ignored when the dataset has its own validation split (tfds "validation" or a folder's
+        val/), which is used instead.
+      seed: seeds the validation carve.
+      verify_checksums: check a tfds archive found in the manual directory against the sha256 that
+        tfds records for it. False accepts a re-packed archive as it is. Fresh downloads are
+        always checked, and a dataset that is already prepared is not read again.
+
+    Raises:
+      DataError: unknown dataset, data missing and no network, checksum mismatch, unreadable
+        image, wrong folder layout, or a bad argument.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(
+            f"val_fraction must be in [0, 1), got {val_fraction}: it is the fraction of "
+            "the training examples set aside for validation (0 for none)."
+        )
+    if name.startswith(FOLDER_PREFIX):
+        path = Path(name.removeprefix(FOLDER_PREFIX)).expanduser()
+        splits, class_names = _load_folder(path, image_size)
+    else:
+        splits, class_names = _load_tfds(name, data_dir, image_size, verify_checksums)
+
+    train, val = splits["train"], splits.get("val")
+    if val is not None and val_fraction > 0:
+        log.info("%s has its own validation split; val_fraction=%s is ignored.", name, val_fraction)
+    elif val_fraction > 0:
+        train, val = _carve_validation(train, val_fraction, seed)
+    for split_name, split in splits.items():
+        if split.images.shape[1:] != train.images.shape[1:]:
+            raise DataError(
+                f"The {split_name} images of {name} are {split.images.shape[1:]} but "
+                f"the train images are {train.images.shape[1:]}: pass image_size "
+                "(config dataset.image_size) to resize them all to one size."
+            )
+    return Dataset(train=train, val=val, test=splits["test"], class_names=class_names)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full batches in one epoch; the remainder is dropped."""
+    if global_batch_size <= 0:
+        raise DataError(f"The batch size must be positive, got {global_batch_size}.")
+    if num_examples < global_batch_size:
+        raise DataError(
+            f"The batch size {global_batch_size} is larger than the {num_examples} "
+            "training examples, so an epoch would have no step: lower batch_size."
+        )
+    return num_examples // global_batch_size
+
+
+def train_batches(
+    split: Split,
+    global_batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """The batches of one training epoch: {"image": uint8 (B, H, W, C), "label": int32 (B,)}.
+
+    The order is a permutation drawn from (seed, epoch) alone, the same on every process, and the
+    last partial batch is dropped. `start_step` skips the epoch's first batches without gathering
+    them, to resume mid-epoch. Each process gets its contiguous slice of B = global_batch_size //
+    process_count examples of every global batch.
+    """
+    local_size = _local_batch_size(global_batch_size, process_index, process_count)
+    num_steps = steps_per_epoch(len(split), global_batch_size)
+    if not 0 <= start_step <= num_steps:
+        raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
+    order = np.random.default_rng([seed, epoch]).permutation(len(split))
+    first = start_step * global_batch_size + process_index * local_size
+    starts = range(first, num_steps * global_batch_size, global_batch_size)
+    return (_gather(split, order[start : start + local_size]) for start in starts)
+
+
+def eval_batches(
+    split: Split, global_batch_size: int, *, process_index: int = 0, process_count: int = 1
+) -> Iterator[Batch]:
+    """Every example once, in order: {"image", "label", "mask": bool (B,)}.
+
+    The last global batch is padded to full size by repeating the split's last example; "mask" is
+    False on the padding. Every process yields the same number of batches, each its contiguous
+    slice of B = global_batch_size // process_count examples of every global batch.
+    """
+    local_size = _local_batch_size(global_batch_size, process_index, process_count)
+    num_batches = -(-len(split) // global_batch_size)
+    starts = range(process_index * local_size, num_batches * global_batch_size, global_batch_size)
+    return (_gather_padded(split, start, local_size) for start in starts)
+
+
+def _gather(split: Split, indices: np.ndarray) -> Batch:
+    return {"image": split.images[indices], "label": split.labels[indices]}
+
+
+def _gather_padded(split: Split, start: int, size: int) -> Batch:
+    positions = start + np.arange(size)
+    batch = _gather(split, np.minimum(positions, len(split) - 1))
+    batch["mask"] = positions < len(split)
+    return batch
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if global_batch_size <= 0:
+        raise DataError(f"The batch size must be positive, got {global_batch_size}.")
+    if global_batch_size % process_count:
+        raise DataError(
+            f"The batch size {global_batch_size} does not split evenly over "
+            f"{process_count} processes: use a multiple of {process_count}."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    return global_batch_size // process_count
+
+
+def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Splits off a stratified validation set; both parts keep train's order."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(train), dtype=bool)
+    for label in np.unique(train.labels):
+        members = np.flatnonzero(train.labels == label)
+        count = int(np.floor(fraction * len(members) + 0.5))  # round half up, unlike round()
+        is_val[rng.choice(members, size=count, replace=False)] = True
+    if not is_val.any():
+        raise DataError(
+            f"val_fraction={fraction} of {len(train)} training examples rounds to an "
+            "empty validation split: raise val_fraction, or set it to 0 for none."
+        )
+    return train.take(~is_val), train.take(is_val)
+
+
+# --- tfds ---------------------------------------------------------------------------------------
+
+
+def _load_tfds(
+    name: str, data_dir: str | None, image_size: int | None, verify_checksums: bool
+) -> tuple[dict[str, Split], list[str]]:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (ValueError, AssertionError) as error:
+        reason = str(error).splitlines()[0]
+        raise DataError(
+            f"Unknown dataset {name!r} ({reason}). Name a tfds image-classification "
+            "dataset such as 'cifar10', 'cifar100' or 'svhn_cropped' (the catalog at "
+            "https://www.tensorflow.org/datasets/catalog/overview lists them all; a "
+            "version or config goes as 'name/config:1.2.3'), or an image folder as "
+            f"'{FOLDER_PREFIX}/path/to/folder'."
+        ) from error
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise DataError(
+            f"{name} is not an image-classification dataset (it has no 'image' and 'label' "
+            "features): choose one such as 'cifar10', 'cifar100' or 'svhn_cropped'."
+        )
+    if image_size is None and None in features["image"].shape:
+        raise DataError(
+            f"The images of {name} differ in size: pass image_size (config dataset.image_size) "
+            "to resize them all to one size."
+        )
+    if not builder.is_prepared():
+        _download_and_prepare(builder, verify_checksums)
+    # Split names are known only once the dataset is prepared.
+    if "train" not in builder.info.splits or "test" not in builder.info.splits:
+        raise DataError(
+            f"{name} has no train and test splits (it has {sorted(builder.info.splits)}): "
+            "choose a dataset that has both, or an image folder."
+        )
+    split_names = {"train": "train", "val": "validation", "test": "test"}
+    splits = {
+        ours: _read_tfds_split(builder, theirs, image_size)
+        for ours, theirs in split_names.items()
+        if theirs in builder.info.splits
+    }
+    return splits, list(features["label"].names)
+
+
+def _download_and_prepare(builder: Any, verify_checksums: bool) -> None:
+    """Prepares the dataset from the manual directory or the network; offline fails at once."""
+    import requests
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+    manual_dir = Path(builder.data_dir_root) / "downloads" / "manual"
+    # URL -> file name of what tfds would download; a file of that name in manual_dir replaces it.
+    needed = {
+        url: info.filename or url.rsplit("/", 1)[-1]
+        for url, info in (builder.url_infos or {}).items()
+        if not (info.filename and (manual_dir / info.filename).exists())
+    }
+    if needed and not _reachable(next(iter(needed))):
+        reason = "no network, or the server did not answer"
+        raise DataError(_cannot_download_message(builder.name, reason, needed, manual_dir))
+
+    _tensorflow()  # before tfds imports it, so TF starts quiet and off the accelerator
+    if not verify_checksums:
+        _trust_manual_archives(builder, manual_dir)
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    try:
+        builder.download_and_prepare(download_config=config)
+    except NonMatchingChecksumError as error:
+        raise DataError(
+            f"A file for {builder.name} does not match the size and sha256 that tfds "
+            f"records for it ({' '.join(str(error).split())}), so it is incomplete, damaged or "
+            f"re-packed. If it is the file you put in {manual_dir}, download it again from the "
+            "URL above, or pass verify_checksums=False to use a re-packed archive as it is."
+        ) from error
+    except (requests.RequestException, tfds.download.DownloadError) as error:
+        reason = " ".join(str(error).split())
+        raise DataError(
+            _cannot_download_message(builder.name, reason, needed, manual_dir)
+        ) from error
+
+
+def _reachable(url: str) -> bool:
+    """Whether the URL's server answers at all (through the same proxies that tfds would use)."""
+    import requests
+
+    # tfds' downloader retries a failed connection 10 times and has no timeout, so ask first.
+    try:
+        requests.head(url, timeout=_NETWORK_PROBE_TIMEOUT_S)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def _cannot_download_message(
+    name: str, reason: str, needed: dict[str, str], manual_dir: Path
+) -> str:
+    files = "; ".join(
+        f"{filename} from {url} at {manual_dir / filename}" for url, filename in needed.items()
+    )
+    fix = (
+        f"Download the files on a machine with network and put them here: {files}. Then run again."
+        if needed
+        else "Check the network and run again."
+    )
+    return f"The {name} dataset is not prepared yet and cannot be downloaded ({reason}). {fix}"
+
+
+def _trust_manual_archives(builder: Any, manual_dir: Path) -> None:
+    """Makes `builder` accept the files in `manual_dir` whatever their sha256.
+
+    tfds has no switch for this (its `register_checksums` rewrites the checksum files inside the
+    installed package), so the download manager the builder makes is told to expect each manual
+    file's own size and sha256. Relies on tfds 4.9's private `_make_download_manager` and
+    `DownloadManager._url_infos`.
+    """
+    from tensorflow_datasets.core.download import checksums
+
+    trusted = {
+        url: checksums.compute_url_info(manual_dir / info.filename)
+        for url, info in (builder.url_infos or {}).items()
+        if info.filename and (manual_dir / info.filename).exists()
+    }
+    make_download_manager = builder._make_download_manager
+
+    def make_trusting_download_manager(**kwargs: Any) -> Any:
+        manager = make_download_manager(**kwargs)
+        # A new dict: the one tfds made is shared by every download manager in the process.
+        manager._url_infos = {**manager._url_infos, **trusted}
+        return manager
+
+    builder._make_download_manager = make_trusting_download_manager
+
+
+def _read_tfds_split(builder: Any, split: str, image_size: int | None) -> Split:
+    tf = _tensorflow()
+
+    def image_and_label(example: dict[str, Any]) -> tuple[Any, Any]:
+        image = example["image"]
+        if image_size is not None:
+            image = tf.image.resize(image, (image_size, image_size), antialias=True)
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return image, example["label"]
+
+    num_examples = builder.info.splits[split].num_examples
+    dataset = builder.as_dataset(split=split).map(image_and_label, tf.data.AUTOTUNE)
+    images, labels = dataset.batch(num_examples).get_single_element()
+    return Split(images.numpy(), labels.numpy().astype(np.int32))
+
+
+@functools.cache
+def _tensorflow() -> Any:
+    """Imports TensorFlow once, quiet and without the GPU (JAX owns the accelerator)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TF only decodes and resizes images here; oneDNN's start-up notice ignores the level above.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF was started earlier by someone else; its devices are set by then
+        log.warning("TensorFlow was already initialized; it may hold GPU memory.")
+    return tf
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+
+def _load_folder(root: Path, image_size: int | None) -> tuple[dict[str, Split], list[str]]:
+    class_names = _class_dir_names(root / "train")
+    if not class_names or not (root / "test").is_dir():
+        raise DataError(
+            f"The image folder {root} needs train/ and test/ subfolders with one "
+            f"subfolder per class inside: {FOLDER_LAYOUT}."
+        )
+    splits = {
+        split: _read_folder_split(root / split, class_names, image_size)
+        for split in ("train", "val", "test")
+        if (root / split).is_dir()
+    }
+    return splits, class_names
+
+
+def _class_dir_names(split_dir: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, ...) are tool clutter, not classes.
+    return sorted(d.name for d in split_dir.glob("*/") if not d.name.startswith("."))
+
+
+def _read_folder_split(split_dir: Path, class_names: list[str], image_size: int | None) -> Split:
+    split_classes = _class_dir_names(split_dir)
+    unknown = [name for name in split_classes if name not in class_names]
+    if unknown:
+        raise DataError(
+            f"{split_dir} has classes that train/ has not: {', '.join(unknown)}. Every "
+            "class needs a train/ subfolder; add it or remove these."
+        )
+    paths, labels = [], []
+    for name in split_classes:
+        files = sorted(
+            p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        paths += files
+        labels += [class_names.index(name)] * len(files)
+    if not paths:
+        raise DataError(
+            f"{split_dir} holds no .png/.jpg/.jpeg images in class subfolders. "
+            f"Expected layout: {FOLDER_LAYOUT}."
+        )
+    images = [_read_image(path, image_size) for path in paths]
+    sizes = {image.shape for image in images}
+    if len(sizes) > 1:
+        raise DataError(
+            f"The images in {split_dir} have different sizes ({sorted(sizes)[:3]} ...): "
+            "pass image_size (config dataset.image_size) to resize them to one size."
+        )
+    return Split(np.stack(images), np.array(labels, dtype=np.int32))
+
+
+def _read_image(path: Path, image_size: int | None) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except OSError as error:  # PIL's errors for unknown formats and truncated files
+        raise DataError(
+            f"Cannot read the image {path} ({error}): replace it with a valid "
+            "PNG or JPEG file, or delete it."
+        ) from error
+    if image_size is not None:
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
