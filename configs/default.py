@@ -1,0 +1,102 @@
+"""The base configuration: every key the trainer reads, with what it means and its default.
+
+The other configs import this one and override what their recipe changes. Any key can also be
+overridden on the command line, e.g.
+
+    python -m resnet_jax.train --config configs/r50.py --workdir workdir/r50_adam \
+        --config.optimizer.name=adam --config.optimizer.learning_rate=1e-3
+
+Epoch-based keys (warmup_epochs, boundaries_epochs, ...) are converted to optimizer steps with
+steps_per_epoch = train examples // batch_size, so a recipe keeps its shape at any batch size.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The defaults: ResNet-18 with the CIFAR stem, SGD + cosine, 200 epochs on CIFAR-10."""
+    config = ml_collections.ConfigDict()
+
+    config.model = model = ml_collections.ConfigDict()
+    # resnet18/34/50/101/152 (torchvision) or resnet20/32/44/56/110/1202 (He et al. CIFAR nets).
+    model.name = "resnet18"
+    # "cifar" (3x3 stride-1 conv, no max-pool: for 32x32 images) or "imagenet" (7x7/2 + max-pool);
+    # the He et al. nets always have their own 3x3 stem, so it is ignored for them.
+    model.stem = "cifar"
+    # "A" (strided identity, zero-padded channels) or "B" (1x1 projection); "" = the family's own
+    # (B for resnet18..152, A for resnet20..1202).
+    model.shortcut = ""
+    model.residual = True  # False: the plain twin (the same layers without shortcuts)
+    model.width = 0  # base width, doubled at each stage; 0 = the family's own (64, or 16)
+    model.zero_init_residual = False  # start each block's last BN scale at 0 (block = identity)
+    # torchvision weights to start from (.pth, .safetensors, or a `resnet_jax.convert` output
+    # directory); "" trains from scratch. Layers whose shapes differ (e.g. the head) stay fresh.
+    model.pretrained = ""
+    # What does not train: "none", "backbone" (everything but the head), or "k" for the stem and
+    # the first k stages (e.g. "2"). Frozen BN layers keep their running statistics.
+    model.freeze = "none"
+
+    config.dataset = dataset = ml_collections.ConfigDict()
+    # "cifar10", any tfds image-classification dataset, or "folder:/path" (train/ test/ [val/]).
+    dataset.name = "cifar10"
+    dataset.data_dir = ""  # tfds data directory; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    dataset.image_size = 0  # resize every image once on load to this square size; 0 = as stored
+    # Fraction of the training examples held out (stratified, seeded) as the validation split that
+    # picks the best checkpoint; 0 = none (a dataset's own validation split is used if it has one).
+    dataset.val_fraction = 0.1
+    dataset.verify_checksums = True  # check a manually downloaded archive against tfds' sha256
+
+    config.augment = augment = ml_collections.ConfigDict()
+    augment.crop_padding = 4  # zero-pad by this many pixels, then crop randomly (0 = no crop)
+    augment.crop_size = 0  # random crop size, resized back to the image size; 0 = the image size
+    augment.flip = True  # random left-right flips
+    augment.rotation = 0.0  # random rotation in [-rotation, rotation] degrees; 0 = none
+    augment.cutout = 0  # zero a random square of this size; 0 = none
+    augment.resize_to = 0  # resize on the device (train and eval) to this square size; 0 = none
+    # Per-channel mean/std: "cifar10", "imagenet", or "auto" (ImageNet's with pretrained weights or
+    # a dataset other than CIFAR-10, CIFAR-10's otherwise).
+    augment.normalization = "auto"
+
+    config.optimizer = optimizer = ml_collections.ConfigDict()
+    optimizer.name = "sgd"  # sgd, adam, adamw or rmsprop
+    # The peak learning rate for a batch of 128 images: the run uses
+    # learning_rate * batch_size / 128 (linear scaling), and logs the rate it uses.
+    optimizer.learning_rate = 0.1
+    optimizer.momentum = 0.9  # sgd and rmsprop; 0 = none
+    optimizer.nesterov = False  # sgd: Nesterov momentum
+    optimizer.weight_decay = 5e-4  # L2 added to the gradient (decoupled for adamw)
+    optimizer.decay_all_params = False  # False: weight decay on conv/dense kernels only, not BN
+    optimizer.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 = no clipping
+    optimizer.b1 = 0.9  # adam and adamw: first-moment decay
+    optimizer.b2 = 0.999  # adam and adamw: second-moment decay
+    optimizer.eps = 1e-8  # adam, adamw and rmsprop: denominator epsilon
+    optimizer.decay = 0.9  # rmsprop: decay of the squared-gradient average
+    optimizer.centered = False  # rmsprop: divide by the gradient's variance, not its raw moment
+
+    config.schedule = schedule = ml_collections.ConfigDict()
+    schedule.name = "cosine"  # constant, cosine, step, exponential or time_based
+    schedule.warmup_epochs = 0.0  # linear warmup from 0 to the peak rate; the decay follows it
+    schedule.final_lr_fraction = 0.0  # cosine: the last rate as a fraction of the peak
+    # step: epochs at which the rate is multiplied by decay_factor; () = at 50% and 75% of training.
+    schedule.boundaries_epochs = ()
+    schedule.decay_factor = 0.1  # step: the factor at each boundary
+    schedule.decay_rate = 0.1  # exponential: the rate is multiplied by this every decay_epochs
+    schedule.decay_epochs = 0.0  # exponential: see decay_rate; 0 = the whole run
+    schedule.decay_per_epoch = 0.05  # time_based: rate = peak / (1 + decay_per_epoch * epoch)
+
+    config.batch_size = 128  # global batch: over all devices and hosts
+    config.eval_batch_size = 512  # global batch for evaluation (no gradients, so it can be larger)
+    config.num_epochs = 200  # an epoch = train examples // batch_size steps
+    config.num_steps = 0  # > 0: train this many steps instead; the last epoch is cut short
+    config.seed = 0  # initialization, augmentation and data order
+    config.parallel = "jit"  # "jit" (shard the batch over a device mesh) or "pmap"
+    config.half_precision = False  # bfloat16 compute (params and loss stay float32)
+    config.label_smoothing = 0.0  # cross-entropy label smoothing
+    config.checkpoint_every_epochs = 1  # also saved at the end and on SIGTERM/SIGINT
+    config.keep_checkpoints = 2  # the latest this many, plus the best by validation accuracy
+    config.log_every_steps = (
+        100  # how often training metrics are fetched from the device and logged
+    )
+    # JAX's persistent compilation cache: a rerun skips compiling; "" turns it off.
+    config.compilation_cache_dir = "~/.cache/resnet_jax/jax_cache"
+    return config

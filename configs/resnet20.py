@@ -1,0 +1,34 @@
+"""He et al. (2015), §4.2: ResNet-20 on CIFAR-10. Published: 8.75% test error (91.25% accuracy).
+
+The paper's recipe: SGD with momentum 0.9, weight decay 1e-4, batch 128, learning rate 0.1 divided
+by 10 at 32k and 48k iterations and stopped at 64k, on a 45k/5k train/validation split; 4-pixel
+padding, random 32x32 crops and horizontal flips. The one difference: images are normalized with
+per-channel mean and std instead of the paper's per-pixel mean subtraction.
+resnet56.py and resnet110.py change only the depth (and resnet110's warmup).
+"""
+
+from configs import default
+
+
+def get_config():
+    """ResNet-20 (option A shortcuts) for 64k iterations of SGD, /10 at 32k and 48k."""
+    config = default.get_config()
+    config.model.name = "resnet20"
+    config.model.shortcut = "A"  # the paper's CIFAR nets use parameter-free identity shortcuts
+    config.dataset.val_fraction = 0.1  # the paper's 45k/5k split
+    config.augment.crop_padding = 4
+    config.augment.flip = True
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.1  # for the paper's batch of 128
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.decay_all_params = True  # as the paper's Torch/Caffe code: on every weight
+    config.schedule.name = "step"
+    # () = at 50% and 75% of the run: exactly 32k and 48k of 64k iterations, at any batch size.
+    config.schedule.boundaries_epochs = ()
+    config.schedule.decay_factor = 0.1
+    config.schedule.warmup_epochs = 0.0
+    config.batch_size = 128
+    config.num_steps = 64_000  # 64k iterations = 182.3 epochs of 351 steps
+    return config

@@ -1,0 +1,13 @@
+"""He et al. (2015), §4.2: ResNet-56 on CIFAR-10. Published: 6.97% test error (93.03% accuracy).
+
+resnet20.py's recipe (64k iterations, lr 0.1 /10 at 32k and 48k, 45k/5k split) at depth 56.
+"""
+
+from configs import resnet20
+
+
+def get_config():
+    """ResNet-56 with the paper's CIFAR recipe."""
+    config = resnet20.get_config()
+    config.model.name = "resnet56"
+    return config
