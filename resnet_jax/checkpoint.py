@@ -1,0 +1,123 @@
+"""A run's checkpoints: orbax's CheckpointManager keeping the latest few and the best.
+
+Each checkpoint holds two items: `state`, the TrainState's arrays (step, params, opt_state,
+batch_stats, rng; its static fields are code, rebuilt from the config), and `meta`, a JSON dict
+(epoch, the resolved config, class names, ...) that can be read without touching the arrays.
+Saving is asynchronous: `save` returns once the arrays are copied off the devices and the files
+are written in the background. Writes are atomic, so a run killed mid-save keeps its earlier
+checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "val_accuracy"
+
+
+def _best_metric(metrics: dict[str, float]) -> float:
+    return metrics[BEST_METRIC]
+
+
+class Checkpoints:
+    """The checkpoints in `directory`: the latest `keep`, plus the best by validation accuracy.
+
+    One manager with two preservation rules (a checkpoint survives if either keeps it) rather than
+    a second manager for "best": the best state is written once, and which step is best lives in
+    orbax's own per-checkpoint metrics, so it survives restarts without bookkeeping of ours.
+    Checkpoints saved without a validation accuracy (mid-epoch, or runs without a validation
+    split) are kept only while they are among the latest.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 2):
+        preservation = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=keep),
+                policies.BestN(
+                    get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            best_fn=_best_metric,  # makes the manager record metrics and rank by them
+            best_mode="max",
+            preservation_policy=preservation,
+            enable_async_checkpointing=True,
+        )
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest checkpoint's step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the highest validation accuracy, or None if no checkpoint has one."""
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, state: Any, meta: dict[str, Any], val_accuracy: float | None = None) -> None:
+        """Start saving `state` (host layout: `Parallel.host_state`) at its step, in the background.
+
+        Every process must call this (orbax writes collectively). A step already saved is skipped.
+        """
+        step = int(jax.device_get(state.step))
+        if step in self._manager.all_steps():
+            return
+        metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            metrics=metrics,
+            force=True,  # the training loop decides when to save, not orbax's interval
+        )
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata saved with `step`."""
+        return dict(
+            self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        )
+
+    def restore(self, step: int, target: Any) -> Any:
+        """The state saved at `step`, laid out as `target` says (abstract arrays with shardings,
+        e.g. `Parallel.restore_target`), whatever device count it was saved from."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return restored.state
+
+    def restore_variables(self, step: int) -> dict[str, Any]:
+        """{"params", "batch_stats"} of `step` as host numpy arrays, with no state to restore
+        into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
+        saved = self._manager.item_metadata(step).state
+        as_numpy = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
+        state = self.restore(step, as_numpy)
+        return {
+            "params": jax.tree.map(np.asarray, state["params"]),
+            "batch_stats": jax.tree.map(np.asarray, state.get("batch_stats", {})),
+        }
+
+    def wait(self) -> None:
+        """Block until every save started so far is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager's threads."""
+        self._manager.close()
