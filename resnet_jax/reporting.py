@@ -1,0 +1,171 @@
+"""What a run writes into its workdir besides checkpoints: metrics, TensorBoard events, plots and
+results.
+
+Only the main process writes (`Reporter(enabled=False)` elsewhere does nothing). metrics.jsonl
+has one JSON object per line: `"record": "step"` every `log_every_steps` (train_loss,
+train_accuracy, learning_rate, images_per_second) and `"record": "epoch"` at each epoch's end
+(the epoch's train_* means and the evaluation split's val_* or test_* figures); both carry `step`
+and `epoch` (fractional for step records). TensorBoard's writer is its own numpy-only one, so
+TensorFlow is never started for logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only; never a window, and works without a display
+import matplotlib.pyplot as plt
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+
+
+class Reporter:
+    """Writes metrics.jsonl, TensorBoard events, curves.png and the results of one run."""
+
+    def __init__(self, workdir: Path, *, enabled: bool = True):
+        self.workdir = Path(workdir)
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled:
+            from tensorboard.summary import Writer
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._tensorboard = Writer(str(self.workdir))
+
+    def write_config(self, config_json: str) -> None:
+        """config.json: the resolved config of this (latest) invocation."""
+        if self.enabled:
+            (self.workdir / CONFIG_FILE).write_text(config_json + "\n")
+
+    def keep_history_until(self, step: int) -> None:
+        """Drop metrics.jsonl records after `step`: on resume, those steps are trained again."""
+        if not self.enabled:
+            return
+        records = [r for r in read_metrics(self.workdir) if r["step"] <= step]
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (self.workdir / METRICS_FILE).write_text(lines)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record to metrics.jsonl and its numbers to TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.workdir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(_json_ready(record)) + "\n")
+        prefix = "epoch/" if record.get("record") == "epoch" else ""
+        for key, value in record.items():
+            if key not in ("step", "epoch", "record") and isinstance(value, int | float):
+                self._tensorboard.add_scalar(prefix + key, value, step=record["step"])
+        self._tensorboard.flush()
+
+    def plot_curves(self) -> None:
+        """curves.png: loss and accuracy (train and evaluation) and the learning rate by epoch."""
+        if self.enabled:
+            plot_curves(read_metrics(self.workdir), self.workdir / CURVES_FILE)
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """results.json and confusion_matrix.png."""
+        if self.enabled:
+            write_results(results, self.workdir / RESULTS_FILE, self.workdir / CONFUSION_FILE)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def write_results(results: dict[str, Any], json_path: Path, confusion_png: Path) -> None:
+    """Test results as JSON, and their confusion matrix as a picture."""
+    Path(json_path).write_text(json.dumps(_json_ready(results), indent=2) + "\n")
+    plot_confusion_matrix(
+        np.asarray(results["confusion_matrix"]),
+        results["class_names"],
+        confusion_png,
+        title=f"{results['model']}: test accuracy {results['test_accuracy']:.2%}",
+    )
+
+
+def read_metrics(workdir: Path) -> list[dict[str, Any]]:
+    """The records of `workdir`/metrics.jsonl, in order ([] if there is none)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_results(workdir: Path) -> dict[str, Any] | None:
+    """`workdir`/results.json, or None if the run has not written it."""
+    path = Path(workdir) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Three panels against epoch: loss, accuracy (train and evaluation), learning rate."""
+    epochs = [r for r in records if r.get("record") == "epoch"]
+    steps = [r for r in records if r.get("record") == "step"]
+    figure, (loss_ax, accuracy_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for split in ("train", "val", "test"):
+        points = [r for r in epochs if f"{split}_loss" in r]
+        if points:
+            x = [r["epoch"] for r in points]
+            loss_ax.plot(x, [r[f"{split}_loss"] for r in points], marker=".", label=split)
+            accuracy_ax.plot(x, [r[f"{split}_accuracy"] for r in points], marker=".", label=split)
+    lr_points = steps or epochs
+    lr_ax.plot([r["epoch"] for r in lr_points], [r.get("learning_rate") for r in lr_points])
+    for ax, title in ((loss_ax, "loss"), (accuracy_ax, "accuracy"), (lr_ax, "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax is not lr_ax and ax.has_data():
+            ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confusion_matrix(
+    confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str = ""
+) -> None:
+    """A heat map of counts[true, predicted], annotated with the counts when it is small."""
+    num_classes = len(class_names)
+    size = max(5.0, 0.5 * num_classes + 2)
+    figure, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(confusion, cmap="Blues")
+    figure.colorbar(image, ax=ax, fraction=0.046)
+    ticks = np.arange(num_classes)
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if num_classes <= 20:
+        threshold = confusion.max() / 2
+        for (i, j), count in np.ndenumerate(confusion):
+            color = "white" if count > threshold else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _json_ready(value: Any) -> Any:
+    """numpy scalars and arrays -> Python numbers and lists; NaN/inf -> None (valid JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
