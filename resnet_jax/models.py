@@ -171,7 +171,8 @@ class ResNet(nn.Module):
 
     def _freeze_boundary(self, x: jax.Array, stage: int) -> jax.Array:
         # Frozen layers get no gradient, so the backward pass stops at the last frozen stage.
-        return jax.lax.stop_gradient(x) if stage == self.frozen_stages else x
+        last_frozen = min(self.frozen_stages, len(self.stage_sizes))  # k past the last stage: all
+        return jax.lax.stop_gradient(x) if stage == last_frozen else x
 
 
 class CifarResNet(ResNet):
