@@ -4,6 +4,10 @@
 it, the state replicated, and XLA inserts the gradient all-reduce (BatchNorm sees the global
 batch). "pmap": the same step under `jax.pmap`, where the step itself averages gradients and
 BatchNorm statistics over the `axis_name` the model was built with.
+
+Several hosts run one process each (after `initialize_distributed`); every process runs the same
+program, feeds only its own slice of each global batch (`shard_batch`), and holds the state as
+arrays replicated over the global mesh, which orbax saves collectively and restores onto any mesh.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import jax_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,23 +39,33 @@ def nearest_divisible(batch_size: int, divisor: int) -> tuple[int, int]:
     return below, below + divisor if below < batch_size else below
 
 
-def check_batch_size(global_batch_size: int, num_devices: int) -> None:
-    """Raise ParallelError unless the global batch splits evenly over the devices."""
+def check_batch_size(global_batch_size: int, num_devices: int, name: str = "batch_size") -> None:
+    """Raise ParallelError unless the global batch splits evenly over the devices.
+
+    `name` is the config key the message tells the user to change (e.g. "eval_batch_size").
+    """
     if global_batch_size <= 0 or global_batch_size % num_devices:
         below, above = nearest_divisible(max(global_batch_size, 1), num_devices)
         sizes = f"{below} or {above}" if below != above else f"{below}"
         raise ParallelError(
-            f"The batch size {global_batch_size} does not divide evenly across the "
-            f"{num_devices} devices of this run. Set batch_size to a multiple of {num_devices}, "
-            f"for example {sizes} (--config.batch_size={below})."
+            f"The {name.replace('_', ' ')} {global_batch_size} does not divide evenly across the "
+            f"{num_devices} devices of this run. Set {name} to a multiple of {num_devices}, "
+            f"for example {sizes} (--config.{name}={below})."
         )
+
+
+def is_main_process() -> bool:
+    """True on the one process (index 0) that writes logs, plots and reports."""
+    return jax.process_index() == 0
 
 
 @dataclasses.dataclass
 class Parallel:
     """How one run places its state and batches and compiles its steps.
 
-    `axis_name` is what the model's BatchNorm must be built with (None outside pmap).
+    `axis_name` is what the model's BatchNorm must be built with (None outside pmap). `devices`
+    (default: every device of every process) are ordered by process, so each process's devices
+    hold one contiguous slice of the global batch: the slice it loads itself.
     """
 
     mode: str = "jit"
@@ -62,8 +76,14 @@ class Parallel:
             raise ParallelError(
                 f"Unknown parallel mode {self.mode!r}; valid choices are: {', '.join(MODES)}."
             )
+        self.devices = sorted(self.devices, key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.asarray(self.devices), (DATA_AXIS,))
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        # What pmap takes and returns on each process: a leading axis over the local devices.
+        local_mesh = Mesh(np.asarray(self.local_devices), (PMAP_AXIS,))
+        self.pmap_sharding = NamedSharding(local_mesh, P(PMAP_AXIS))
 
     @property
     def axis_name(self) -> str | None:
@@ -73,50 +93,127 @@ class Parallel:
     def num_devices(self) -> int:
         return len(self.devices)
 
+    def local_batch_size(self, global_batch_size: int) -> int:
+        """This process's share of each global batch (checks that the global batch divides)."""
+        check_batch_size(global_batch_size, self.num_devices)
+        return global_batch_size // self.num_devices * len(self.local_devices)
+
     def place_state(self, state: ts.TrainState) -> ts.TrainState:
-        """Put a host-side state on the devices (replicated)."""
+        """Put a state on the devices, replicated: from host/local arrays (the same value on every
+        process), or from `host_state`/a checkpoint restored with `restore_target`."""
         if self.mode == "pmap":
-            return jax_utils.replicate(state, self.local_devices)
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+            return jax.tree.map(self._replicate_local, state)
+        return jax.tree.map(self._replicate, state)
+
+    def _replicate_local(self, x: Any) -> jax.Array:
+        # The sharding pmap's own outputs have, so the second step does not compile again.
+        x = np.asarray(x)
+        copies = np.broadcast_to(x, (len(self.local_devices), *x.shape))
+        return jax.device_put(copies, self.pmap_sharding)
+
+    def _replicate(self, x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == self.replicated:
+            return x
+        if jax.process_count() > 1:
+            # Every process holds the whole value (same seed, or a replicated restore): each fills
+            # its own devices, with no cross-host traffic (device_put would all-gather to check).
+            return jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
+        return jax.device_put(x, self.replicated)
 
     def host_state(self, state: ts.TrainState) -> ts.TrainState:
-        """The state as one copy (undoes pmap's device axis), e.g. for checkpoints and reports."""
-        return jax_utils.unreplicate(state) if self.mode == "pmap" else state
+        """The state as one copy: arrays replicated over the mesh (pmap's device axis undone),
+        what checkpoints save (collectively, from every process) and `np.asarray` reads."""
+        if self.mode == "pmap":
+            return jax.tree.map(self._from_pmap, state)
+        return state
+
+    def _from_pmap(self, x: jax.Array) -> jax.Array:
+        shape = x.shape[1:]
+        by_device = {s.device: s.data.reshape(shape) for s in x.addressable_shards}
+        arrays = [by_device[d] for d in self.local_devices]
+        return jax.make_array_from_single_device_arrays(shape, self.replicated, arrays)
+
+    def restore_target(self, state: ts.TrainState) -> ts.TrainState:
+        """Shapes, dtypes and shardings to restore a checkpoint of `state` onto this run's mesh,
+        whatever device count it was saved from; `place_state` the result."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated),
+            state,
+        )
 
     def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's share of a global batch -> arrays laid out for the compiled step."""
         if self.mode == "pmap":
             # pmap splits a leading axis of local-device size over the local devices itself.
             n = len(self.local_devices)
+            self._check_local_batch(local_batch, n)
             return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local_batch.items()}
-        sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        self._check_local_batch(local_batch, len(self.local_devices))
         return {
-            k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()
         }
 
-    def fetch(self, metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-        """Device metrics -> numpy (pmap metrics are already averaged: take one device's copy)."""
-        metrics = jax.device_get(metrics)
-        return jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
+    def _check_local_batch(self, local_batch: dict[str, np.ndarray], n: int) -> None:
+        size = len(next(iter(local_batch.values())))
+        if size % n:
+            below, above = nearest_divisible(size, n)
+            raise ParallelError(
+                f"This process's share of the batch has {size} examples, which does not divide "
+                f"evenly across its {n} devices; feed {below} or {above} per process (the global "
+                f"batch size must be a multiple of the {self.num_devices} devices)."
+            )
+
+    def fetch(self, metrics: Any) -> Any:
+        """What a compiled step returned (e.g. metrics) -> numpy, on every process.
+
+        pmap outputs are already averaged: one device's copy is taken. Arrays sharded across
+        processes are gathered. (A state from `host_state` reads with `jax.device_get` as is.)
+        """
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: np.asarray(jax.device_get(x)[0]), metrics)
+        return jax.tree.map(_to_numpy, metrics)
 
     def compile_train_step(self) -> Callable[..., Any]:
         """`train_step` compiled for this mode, with the state donated."""
         if self.mode == "pmap":
-            return jax.pmap(ts.train_step, axis_name=PMAP_AXIS, donate_argnums=0)
-        replicated, sharded = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(DATA_AXIS))
+            return jax.pmap(
+                ts.train_step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0
+            )
         return jax.jit(
             ts.train_step,
-            in_shardings=(replicated, sharded),
-            out_shardings=(replicated, replicated),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
         )
 
     def compile_eval_step(self) -> Callable[..., Any]:
         """`eval_step` compiled for this mode."""
         if self.mode == "pmap":
-            return jax.pmap(ts.eval_step, axis_name=PMAP_AXIS)
-        replicated, sharded = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(DATA_AXIS))
-        return jax.jit(ts.eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+            return jax.pmap(ts.eval_step, axis_name=PMAP_AXIS, devices=self.devices)
+        return jax.jit(
+            ts.eval_step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
+
+    def precompile(self, step: Callable[..., Any], *example_args: Any) -> Callable[..., Any]:
+        """`step` (from `compile_train_step`/`compile_eval_step`) compiled now, ahead of time, for
+        arguments shaped and placed like `example_args` (e.g. the placed state and a `shard_batch`
+        of zeros), so that the first real step does not wait for XLA.
+
+        Under pmap with several processes `step` comes back as it is and compiles at its first
+        call: jax 0.10's pmap cannot run an ahead-of-time executable on per-process inputs.
+        """
+        if self.mode == "pmap" and jax.process_count() > 1:
+            return step
+        return step.lower(*example_args).compile()
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def initialize_distributed(
