@@ -110,14 +110,14 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def closest_keys(key: str, known: list[str]) -> list[str]:
-    """Known dotted keys that look like `key`, best first (matching the full path or its end)."""
-    by_path = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    by_leaf = [
-        k
-        for k in known
-        if difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1]], cutoff=0.8)
-    ]
-    return list(dict.fromkeys(by_path + by_leaf))[:3]
+    """Known dotted keys that `key` may have meant, best first: a similar name in the same
+    section or a similar full path, else the same name in another section."""
+    section, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    similar = [siblings[s] for s in difflib.get_close_matches(name, list(siblings), cutoff=0.7)]
+    similar += difflib.get_close_matches(key, known, n=3, cutoff=0.85)
+    same_name = [k for k in known if k.rpartition(".")[2] == name]
+    return list(dict.fromkeys(similar or same_name))[:3]
 
 
 def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -270,7 +270,11 @@ def is_user_error(error: BaseException) -> bool:
 def exit_with_message(message: str) -> NoReturn:
     """Print `message` as one paragraph on stderr and exit with status 1."""
     text = " ".join(message.split())
-    print("\n" + textwrap.fill(f"Error: {text}", width=100) + "\n", file=sys.stderr, flush=True)
+    # Paths and flags stay whole, so they can be copied from the message.
+    paragraph = textwrap.fill(
+        f"Error: {text}", width=100, break_long_words=False, break_on_hyphens=False
+    )
+    print(f"\n{paragraph}\n", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
