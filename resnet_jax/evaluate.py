@@ -1,0 +1,163 @@
+"""Test-split results of a saved checkpoint, recomputed from the config it was trained with.
+
+    python -m resnet_jax.evaluate --workdir W            # the checkpoint results.json reports
+    python -m resnet_jax.evaluate --checkpoint W/checkpoints/7020 --output eval.json
+
+Prints loss, accuracy, macro precision/recall/F1, the per-class figures and the confusion matrix;
+`--output` also writes them as JSON (results.json's format) and `confusion_matrix.png` beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from absl import flags, logging
+
+from resnet_jax import checkpoint, config_utils, parallel, reporting, train
+from resnet_jax import train_state as ts
+from resnet_jax.config_utils import ConfigError
+
+
+def find_checkpoint(
+    workdir: str | None, checkpoint_path: str | None
+) -> tuple[checkpoint.Checkpoints, int, str]:
+    """The checkpoints and the step to use: `checkpoint_path` (a step directory) if given, else
+    the workdir's best by validation accuracy (the latest without a validation split)."""
+    if bool(workdir) == bool(checkpoint_path):
+        raise ConfigError(
+            "Pass either --workdir (a training run's directory) or --checkpoint (one of its "
+            "checkpoints/<step> directories), not both or neither."
+        )
+    if checkpoint_path:
+        path = Path(checkpoint_path).expanduser().absolute()
+        if not (path.is_dir() and path.name.isdigit()):
+            raise ConfigError(
+                f"--checkpoint {path} is not a checkpoint: pass a step directory such as "
+                "WORKDIR/checkpoints/7020 (ls WORKDIR/checkpoints lists them)."
+            )
+        return checkpoint.Checkpoints(path.parent), int(path.name), f"step {path.name}"
+    directory = Path(workdir).expanduser().absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{directory.parent} holds no checkpoints/: pass the --workdir of a training run "
+            "(python -m resnet_jax.train --config ... --workdir W)."
+        )
+    checkpoints = checkpoint.Checkpoints(directory)
+    if checkpoints.latest_step() is None:
+        raise ConfigError(f"{directory} has no finished checkpoint yet: train longer first.")
+    step, why = train.chosen_checkpoint(checkpoints)
+    return checkpoints, step, why
+
+
+def saved_config(meta: dict[str, Any], data_dir: str | None) -> ml_collections.ConfigDict:
+    """The run's config as saved with the checkpoint, with the dataset directory overridden."""
+    config = config_utils.resolve(meta["config"])
+    if data_dir is not None:
+        config.dataset.data_dir = data_dir
+    return config
+
+
+def eval_state(
+    config: ml_collections.ConfigDict,
+    variables: dict[str, Any],
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+) -> ts.TrainState:
+    """A state holding only what evaluation needs: the model, its variables, the preprocessing."""
+    model = train.build_model(config, num_classes)
+    preprocess, input_shape = train.build_preprocess(config, image_shape)
+    return ts.create(
+        model,
+        optax.identity(),  # no optimizer state: the restored variables are all there is
+        jax.random.key(config.seed),
+        input_shape,
+        variables=variables,
+        preprocess=preprocess,
+    )
+
+
+def evaluate_checkpoint(
+    workdir: str | None = None, checkpoint_path: str | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
+    """results.json's figures for a checkpoint, on the test split of the dataset it trained on."""
+    checkpoints, step, why = find_checkpoint(workdir, checkpoint_path)
+    try:
+        meta = checkpoints.meta(step)
+        config = saved_config(meta, data_dir)
+        dataset = train.load_dataset(config)
+        variables = checkpoints.restore_variables(step)
+    finally:
+        checkpoints.close()
+    par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
+    parallel.check_batch_size(config.eval_batch_size, par.num_devices, name="eval_batch_size")
+    state = par.place_state(eval_state(config, variables, dataset.num_classes, dataset.image_shape))
+    logging.info("Testing %s's checkpoint at step %d (%s).", config.model.name, step, why)
+    evaluation = train.evaluate(
+        par.compile_eval_step(), state, dataset.test, par, config.eval_batch_size
+    )
+    return {
+        **train.test_results(evaluation, dataset.class_names),
+        "checkpoint_step": step,
+        "checkpoint_epoch": meta["epoch"],
+        "checkpoint_selection": why,
+        "model": config.model.name,
+        "dataset": config.dataset.name,
+    }
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The results as a readable table: headline figures, per-class figures, confusion matrix."""
+    names = results["class_names"]
+    width = max(12, *(len(name) for name in names))
+    lines = [
+        f"{results['model']} on {results['dataset']}, checkpoint step "
+        f"{results['checkpoint_step']} (epoch {results['checkpoint_epoch']}, "
+        f"{results['checkpoint_selection']}), {results['num_test_examples']} test examples",
+        f"loss {results['test_loss']:.4f}   accuracy {results['test_accuracy']:.2%}   "
+        f"macro precision {results['precision']:.4f}  recall {results['recall']:.4f}  "
+        f"F1 {results['f1']:.4f}",
+        "",
+        f"{'class':<{width}} precision  recall      f1",
+    ]
+    for name in names:
+        row = results["per_class"][name]
+        lines.append(
+            f"{name:<{width}} {row['precision']:9.4f} {row['recall']:7.4f} {row['f1']:7.4f}"
+        )
+    lines += ["", "confusion matrix (rows: true class, columns: predicted):"]
+    for name, counts in zip(names, results["confusion_matrix"], strict=True):
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:5d}" for c in counts))
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a program)."""
+    flags.DEFINE_string(
+        "workdir", None, "A training run's directory: test its reported checkpoint."
+    )
+    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (W/checkpoints/<step>).")
+    flags.DEFINE_string("data_dir", None, "Override the run's dataset.data_dir (data moved).")
+    flags.DEFINE_string("output", None, "Also write the results as JSON here, and a confusion PNG.")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}.")
+    options = flags.FLAGS
+    results = evaluate_checkpoint(options.workdir, options.checkpoint, options.data_dir)
+    print(format_results(results))
+    if options.output:
+        output = Path(options.output).expanduser()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        reporting.write_results(results, output, output.with_suffix(".png"))
+        logging.info("Wrote %s and %s.", output, output.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    config_utils.run_cli(main)

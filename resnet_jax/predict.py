@@ -1,0 +1,100 @@
+"""Top-k classes of image files, from a trained run's checkpoint.
+
+    python -m resnet_jax.predict --workdir W cat.png truck.jpg --top_k 3
+
+Each image is loaded with PIL as RGB, resized to the size the run's images had when it trained
+(bilinear, as image folders are resized on load), and preprocessed exactly as evaluation does
+(the on-device resize, if any, and the same normalization).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from resnet_jax import config_utils, evaluate
+from resnet_jax.config_utils import ConfigError
+
+
+class ImageError(ValueError):
+    """An image file that is missing or that PIL cannot read."""
+
+
+def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 (N, H, W, 3) images, each resized to `image_shape`'s height and width."""
+    height, width, _ = image_shape
+    images = []
+    for path in map(Path, paths):
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except OSError as error:  # missing file, unknown format, truncated data
+            raise ImageError(
+                f"Cannot read the image {path}: {error.strerror or error}. Pass existing PNG or "
+                "JPEG files (any size; they are resized to the size the model was trained on)."
+            ) from None
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        images.append(np.asarray(rgb, np.uint8))
+    return np.stack(images)
+
+
+def predict(
+    image_paths: list[str],
+    workdir: str | None = None,
+    checkpoint_path: str | None = None,
+    top_k: int = 5,
+) -> list[list[tuple[str, float]]]:
+    """For each image, the `top_k` (class name, probability) pairs, most likely first."""
+    if not image_paths:
+        raise ConfigError("Name at least one image file to classify, e.g. ... --workdir W cat.png.")
+    if top_k < 1:
+        raise ConfigError(f"--top_k must be at least 1, got {top_k}.")
+    checkpoints, step, _ = evaluate.find_checkpoint(workdir, checkpoint_path)
+    try:
+        meta = checkpoints.meta(step)
+        variables = checkpoints.restore_variables(step)
+    finally:
+        checkpoints.close()
+    config = evaluate.saved_config(meta, data_dir=None)
+    class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
+    images = load_images(image_paths, image_shape)
+    state = evaluate.eval_state(config, variables, len(class_names), image_shape)
+    probabilities = np.asarray(_probabilities(state, images))
+    ranked = np.argsort(-probabilities, axis=1)[:, :top_k]
+    return [
+        [(class_names[c], float(p[c])) for c in row]
+        for p, row in zip(probabilities, ranked, strict=True)
+    ]
+
+
+@jax.jit
+def _probabilities(state: Any, images: jax.Array) -> jax.Array:
+    logits = state.apply_fn(state.variables, state.preprocess(images, None), train=False)
+    return jax.nn.softmax(logits)
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a program)."""
+    flags.DEFINE_string("workdir", None, "A training run's directory: use its reported checkpoint.")
+    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (W/checkpoints/<step>).")
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+
+def main(argv: list[str]) -> int:
+    paths = argv[1:]
+    predictions = predict(paths, flags.FLAGS.workdir, flags.FLAGS.checkpoint, flags.FLAGS.top_k)
+    for path, top in zip(paths, predictions, strict=True):
+        ranked = ", ".join(f"{name} {probability:.3f}" for name, probability in top)
+        print(f"{path}: {ranked}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    config_utils.run_cli(main)
