@@ -1,0 +1,116 @@
+"""Shared fixtures for the training tests: a fake CIFAR-10, and one tiny finished run.
+
+The run is ResNet-20 at width 4 on 100 fake images (90 train / 10 val / 20 test), batch 10, for 2
+epochs of 9 steps: real code paths, seconds of compute. Expensive fixtures are built once per
+test session even under pytest-xdist: the first worker builds them under a file lock in the
+directory all workers share, the others reuse them. Subprocesses get XLA on one thread (2 CPU
+cores are shared by the test workers) and a compilation cache shared by the whole session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_cifar import prepare_fake_cifar10
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_TIMEOUT_S = 300
+
+
+@contextlib.contextmanager
+def _session_lock(shared_dir: Path, name: str) -> Iterator[None]:
+    with open(shared_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory every xdist worker of this session sees (the base temp dir when serial)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir: Path) -> Path:
+    """A tfds data_dir with a fake CIFAR-10 archive (load with verify_checksums=False)."""
+    path = shared_dir / "fake_cifar10"
+    with _session_lock(shared_dir, "fake_cifar10"):
+        if not path.exists():
+            prepare_fake_cifar10(path, n_train_per_batch=20, n_test=20)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(shared_dir: Path) -> Path:
+    """The session's JAX compilation cache: each distinct step compiles once."""
+    return shared_dir / "jax_cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
+    """Command-line overrides that make configs/r50.py a seconds-long run on the fake data."""
+    return [
+        "--config=configs/r50.py",
+        "--config.model.name=resnet20",
+        "--config.model.width=4",
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.dataset.verify_checksums=False",
+        "--config.batch_size=10",
+        "--config.eval_batch_size=10",
+        "--config.num_epochs=2",
+        "--config.schedule.warmup_epochs=0.5",
+        "--config.log_every_steps=4",
+        f"--config.compilation_cache_dir={cache_dir}",
+    ]
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m module args` from the repository root; stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(env),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
+    )
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for CLI subprocesses: XLA on one thread, TensorFlow quiet."""
+    threads = "--xla_cpu_multi_thread_eigen=false"
+    env = {**os.environ, "XLA_FLAGS": threads, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if extra:
+        env.update({k: f"{env[k]} {v}" if k == "XLA_FLAGS" else v for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_dir: Path, tiny_overrides: list[str]) -> dict:
+    """One finished tiny run: {"workdir", "args", "stderr"} (trained once per session)."""
+    workdir = shared_dir / "trained_run"
+    record = shared_dir / "trained_run.json"
+    with _session_lock(shared_dir, "trained_run"):
+        if not record.exists():
+            args = [*tiny_overrides, f"--workdir={workdir}"]
+            done = run_module("resnet_jax.train", *args)
+            assert done.returncode == 0, done.stderr[-3000:]
+            record.write_text(
+                json.dumps({"workdir": str(workdir), "args": args, "stderr": done.stderr})
+            )
+    run = json.loads(record.read_text())
+    run["workdir"] = Path(run["workdir"])
+    return run
