@@ -84,20 +84,24 @@ def grid_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
     sizes, rates = grid()
     by_name = {r.arm.name: r for r in results}
     accuracy = np.full((len(sizes), len(rates)), np.nan)
+    missing = {}  # (i, j) -> why a cell has no accuracy
     iterations = {}
     for i, b in enumerate(sizes):
         for j, lr in enumerate(rates):
             result = by_name.get(arm_name(b, lr))
             if result is None:
+                missing[i, j] = "not run"
                 continue
             if result.results:
                 accuracy[i, j] = 100 * result.results["test_accuracy"]
+            else:
+                missing[i, j] = "diverged" if result.diverged else "unfinished"
             iterations[b] = iterations.get(b) or sweep.iterations_per_epoch(result)
     fig, ax = plt.subplots(figsize=(1.6 * len(rates) + 3, 1.0 * len(sizes) + 2))
     image = ax.imshow(accuracy, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     fig.colorbar(image, ax=ax, label="Test accuracy (%)")
     for (i, j), value in np.ndenumerate(accuracy):
-        text = "not run" if np.isnan(value) else f"{value:.1f}"
+        text = missing.get((i, j), "") if np.isnan(value) else f"{value:.1f}"
         color = "white" if np.isnan(value) or value < 60 else "black"
         ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(len(rates)), [f"{lr:g}" for lr in rates])

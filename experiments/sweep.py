@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import logging
 import math
 import os
 import platform
@@ -69,8 +68,6 @@ PALETTE = (
     "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
     "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173",
 )  # fmt: skip
-
-log = logging.getLogger("sweep")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -118,11 +115,14 @@ class ArmResult:
     quick: bool  # trained with --quick: a smoke test, never a result
     started: str = ""
     finished: str = ""
+    diverged: bool = False  # the loss became NaN/inf: the trainer stopped it without results
 
     @property
     def status(self) -> str:
         if self.results is not None:
             return "done"
+        if self.diverged:
+            return f"diverged (epoch {len(self.epochs) + 1})"
         return f"unfinished ({len(self.epochs)} epochs)" if self.epochs else "not started"
 
 
@@ -179,12 +179,21 @@ def main(study: Study, argv: Sequence[str]) -> list[ArmResult]:
 
 
 def _run_or_exit(study: Study, argv: Sequence[str]) -> None:
+    """`run`, where a mistake the user can fix ends in its message and exit status 1, and a
+    SIGINT/SIGTERM (the trainer saves a checkpoint first) in 128 + the signal's number."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from resnet_jax import config_utils, train
+
     try:
         run(study)
-    except SweepError as error:
-        sys.exit(f"error: {error}")
+    except train.Interrupted as stopped:
+        print(f"{stopped} Rerun the same command to resume the sweep.", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
+    except ValueError as error:
+        if isinstance(error, SweepError) or config_utils.is_user_error(error):
+            config_utils.exit_with_message(str(error))
+        raise
 
 
 class SweepError(ValueError):
@@ -260,13 +269,6 @@ def set_key(config: Any, key: str, value: Any) -> None:
         node[leaf] = value
     except TypeError as error:
         raise SweepError(f"Bad value for {key}: {error}") from None
-
-
-def get_key(config: Any, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def parse_value(text: str) -> Any:
@@ -380,6 +382,12 @@ def run(study: Study) -> list[ArmResult]:
             if (workdir / RESULTS_FILE).exists():
                 print(f"[{i}/{len(selected)}] {arm.name}: finished earlier; not trained again.")
                 continue
+            if _read_arm_file(workdir).get("diverged"):
+                print(
+                    f"[{i}/{len(selected)}] {arm.name}: diverged earlier; not trained again "
+                    f"(delete {workdir} to try again)."
+                )
+                continue
             resuming = (workdir / METRICS_FILE).exists()
             print(f"[{i}/{len(selected)}] {arm.name}: {'resuming' if resuming else 'training'}.")
             train_arm(configs[arm.name], workdir, study, arm)
@@ -421,9 +429,19 @@ def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
         record["hardware"].append(hardware())
     record.setdefault("started", _now())
     stored.write_text(json.dumps(record, indent=2) + "\n")
-    train.train_and_evaluate(config, str(workdir))
+    try:
+        train.train_and_evaluate(config, str(workdir))
+    except train.DivergedError as error:
+        # A result of the study (e.g. too high a learning rate), not a failure of the sweep.
+        print(f"{arm.name} diverged: {error}")
+        record["diverged"] = str(error)
     record["finished"] = _now()
     stored.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _read_arm_file(workdir: Path) -> dict[str, Any]:
+    stored = workdir / ARM_FILE
+    return json.loads(stored.read_text()) if stored.exists() else {}
 
 
 def _now() -> str:
@@ -473,8 +491,7 @@ def read_results(workdir: Path) -> dict[str, Any] | None:
 
 
 def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmResult:
-    stored = workdir / ARM_FILE
-    record = json.loads(stored.read_text()) if stored.exists() else {}
+    record = _read_arm_file(workdir)
     return ArmResult(
         arm=arm,
         color=arm_color(every, arm),
@@ -486,6 +503,7 @@ def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmR
         quick=record.get("quick", bool(FLAGS.quick)),
         started=record.get("started", ""),
         finished=record.get("finished", ""),
+        diverged=bool(record.get("diverged")),
     )
 
 
@@ -501,10 +519,6 @@ def series(result: ArmResult, key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of a per-epoch key."""
     points = [(r["epoch"], r[key]) for r in result.epochs if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
-
-
-def percent(value: float | None) -> float | None:
-    return None if value is None else 100.0 * value
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -744,7 +758,8 @@ def plot_test_accuracy(study: Study, results: Sequence[ArmResult], path: Path) -
     for x, result in zip(xs, results, strict=True):
         accuracy = (result.results or {}).get("test_accuracy")
         if accuracy is None:
-            ax.text(x, 1, "not\nfinished", ha="center", va="bottom", fontsize=8, color="gray")
+            text = "diverged" if result.diverged else "not\nfinished"
+            ax.text(x, 1, text, ha="center", va="bottom", fontsize=8, color=result.color)
             continue
         ax.bar(
             x,

@@ -301,3 +301,23 @@ def test_unknown_config_keys_and_arms_are_refused(tmp_path):
         lr_schedules.main(["study", f"--out={tmp_path}", "--config.optimizer.lr=0.1"])
     with pytest.raises(sweep.SweepError, match=r"Unknown arms.*constant, time_based"):
         lr_schedules.main(["study", f"--out={tmp_path}", "--arms=linear"])
+
+
+def test_a_diverged_arm_is_a_result_not_a_crash(tmp_path, fake_cifar, monkeypatch, capsys):
+    from resnet_jax import train
+
+    calls = []
+
+    def diverge(config, workdir):
+        calls.append(workdir)
+        raise train.DivergedError("Training diverged: the training loss became nan at step 2.")
+
+    monkeypatch.setattr(train, "train_and_evaluate", diverge)
+    args = quick_args(tmp_path, fake_cifar, "", "--arms=constant")
+    lr_schedules.main(args)
+    with open(tmp_path / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"].startswith("diverged") and row["test_accuracy"] == ""
+    assert (tmp_path / "test_accuracy.png").exists()
+    lr_schedules.main(args)  # not retried: the divergence is the arm's result
+    assert len(calls) == 1 and "diverged earlier" in capsys.readouterr().out
