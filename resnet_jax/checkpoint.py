@@ -5,12 +5,16 @@ batch_stats, rng; its static fields are code, rebuilt from the config), and `met
 (epoch, the resolved config, class names, ...) that can be read without touching the arrays.
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and the files
 are written in the background. Writes are atomic, so a run killed mid-save keeps its earlier
-checkpoints.
+checkpoints (orbax writes into a `STEP.orbax-checkpoint-tmp-*` directory, which it never lists as
+a checkpoint, and renames it when complete). A complete checkpoint that is later damaged (a
+truncated or deleted array file) is set aside into `corrupt_checkpoints/` next to the directory
+on restore, and the previous one restored instead.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,18 @@ def _best_metric(metrics: dict[str, float]) -> float:
     return metrics[BEST_METRIC]
 
 
+def _as_abstract(metadata: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype)
+
+
 def _not_missing_metric_warning(record: logging.LogRecord) -> bool:
     # Orbax warns on every save without metrics; ours are deliberate (mid-epoch saves, runs
     # without a validation split), so the warning would only alarm.
     return "did not provide metrics" not in record.getMessage()
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint could be restored; the message says what was found and what to do."""
 
 
 class Checkpoints:
@@ -106,18 +118,62 @@ class Checkpoints:
 
     def restore(self, step: int, target: Any) -> Any:
         """The state saved at `step`, laid out as `target` says (abstract arrays with shardings,
-        e.g. `Parallel.restore_target`), whatever device count it was saved from."""
+        e.g. `Parallel.restore_target`), whatever device count it was saved from.
+
+        If the checkpoint at `step` is damaged (its own arrays cannot be read back), it is set
+        aside with an error in the log and the newest earlier checkpoint is restored instead: the
+        returned state's `step` says which. A checkpoint that is intact but does not fit `target`
+        raises the restore's own error (ValueError/KeyError), as before.
+        """
+        while True:
+            try:
+                return self._restore_state(step, target)
+            except Exception as error:
+                if self._readable(step):
+                    raise  # intact: `target` does not fit it
+                step = self._set_aside(step, error)
+
+    def _restore_state(self, step: int, target: Any) -> Any:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
         return restored.state
 
+    def _readable(self, step: int) -> bool:
+        """Whether `step`'s arrays read back in the layout they were saved in."""
+        try:
+            saved = self._manager.item_metadata(step).state
+            self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
+            return True
+        except Exception:
+            return False
+
+    def _set_aside(self, step: int, error: Exception) -> int:
+        """Move the damaged checkpoint `step` out of the manager's sight; the step to try next."""
+        aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(aside)
+        self._manager.reload()
+        earlier = [s for s in self._manager.all_steps() if s < step]
+        reason = " ".join(str(error).split(" See full TensorStore details")[0].split())[:200]
+        if not earlier:
+            raise CheckpointError(
+                f"The checkpoint at step {step} in {self.directory} is damaged ({reason}) and "
+                f"there is no earlier one; it was moved to {aside}. Rerun to start the run over, "
+                "or restore the checkpoint from a backup."
+            ) from None
+        absl_logging.error(
+            "The checkpoint at step %d in %s is damaged and cannot be restored (%s). Moved it to "
+            "%s; falling back to the previous checkpoint, at step %d.",
+            step, self.directory, reason, aside, max(earlier),
+        )  # fmt: skip
+        return max(earlier)
+
     def restore_variables(self, step: int) -> dict[str, Any]:
         """{"params", "batch_stats"} of `step` as host numpy arrays, with no state to restore
         into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
         saved = self._manager.item_metadata(step).state
-        as_numpy = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
-        state = self.restore(step, as_numpy)
+        state = self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
         return {
             "params": jax.tree.map(np.asarray, state["params"]),
             "batch_stats": jax.tree.map(np.asarray, state.get("batch_stats", {})),
