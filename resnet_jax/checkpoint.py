@@ -101,13 +101,30 @@ class Checkpoints:
         if step in self._manager.all_steps():
             return
         metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            metrics=metrics,
-            force=True,  # the training loop decides when to save, not orbax's interval
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                metrics=metrics,
+                force=True,  # the training loop decides when to save, not orbax's interval
+            )
+        except OSError as error:  # a full disk, a read-only or vanished directory
+            raise self._save_error(step, error) from None
+
+    def _save_error(self, step: int, error: OSError) -> CheckpointError:
+        complete = [s for s in self._manager.all_steps() if s < step]
+        kept = (
+            f"the latest complete checkpoint (step {max(complete)}) is intact and the rerun "
+            "resumes from it"
+            if complete
+            else "no earlier checkpoint exists, so the rerun starts over"
+        )
+        return CheckpointError(
+            f"Cannot save the checkpoint at step {step} in {self.directory}: "
+            f"{error.strerror or error}. Free disk space or make the directory writable, then "
+            f"rerun the same command: {kept}."
         )
 
     def meta(self, step: int) -> dict[str, Any]:
