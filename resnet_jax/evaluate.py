@@ -100,7 +100,7 @@ def evaluate_checkpoint(
         par.compile_eval_step(), state, dataset.test, par, config.eval_batch_size
     )
     return {
-        **train.test_results(evaluation, dataset.class_names),
+        **train.summarize_test(evaluation, dataset.class_names),
         "checkpoint_step": step,
         "checkpoint_epoch": meta["epoch"],
         "checkpoint_selection": why,

@@ -344,13 +344,13 @@ class StopSignal:
             return self.signum is not None
         if not sync:
             return False
-        flags_ = multihost_utils.process_allgather(np.int32(self.signum or 0))
-        self.signum = self.signum or int(np.max(flags_)) or None
+        signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        self.signum = self.signum or int(np.max(signums)) or None
         return self.signum is not None
 
 
 class LossNotFinite(Exception):
-    """The `what` ("training loss" or "parameters") was `value` (NaN or inf) at step `step`."""
+    """The `what` (the training loss, or the variables) was `value` (NaN or inf) at `step`."""
 
     def __init__(self, what: str, value: float, step: int):
         super().__init__(what, value, step)
@@ -443,7 +443,7 @@ def evaluate(
     }
 
 
-def test_results(evaluation: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+def summarize_test(evaluation: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
     """results.json's figures from `evaluate` on the test split."""
     report = metrics.classification_report(evaluation["confusion"], class_names)
     return {
@@ -733,8 +733,8 @@ def save(
     so that a resumed epoch reports the same means as an uninterrupted one.
     """
     step = int(jax.device_get(run.par.host_state(state).step))
-    if not bool(_all_finite(state.params)):
-        raise LossNotFinite("parameters", math.nan, step)
+    if not bool(_all_finite(state.variables)):
+        raise LossNotFinite("parameters or BatchNorm statistics", math.nan, step)
     meta = {
         "epoch": epoch,
         "step": step,
@@ -810,7 +810,7 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
         run.eval_step, state, run.dataset.test, run.par, run.config.eval_batch_size
     )
     return {
-        **test_results(evaluation, run.dataset.class_names),
+        **summarize_test(evaluation, run.dataset.class_names),
         "checkpoint_step": step,
         "checkpoint_epoch": epoch,
         "checkpoint_selection": why,

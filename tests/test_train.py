@@ -175,27 +175,45 @@ def test_pretrained_weights_are_loaded_where_they_fit(tmp_path):
 # --- User errors through the command line -----------------------------------------------------
 
 
+TRAIN_FLAGS = ("config", "workdir", "distributed", "coordinator_address", "num_processes",
+               "process_id")  # fmt: skip
+
+
+def _remove_flags(names: list[str]) -> dict[str, flags.Flag]:
+    removed = {name: flags.FLAGS[name] for name in names if name in flags.FLAGS}
+    for name in removed:
+        delattr(flags.FLAGS, name)
+    return removed
+
+
+def _train_flag_names() -> list[str]:
+    return [n for n in flags.FLAGS if n in TRAIN_FLAGS or n.startswith("config.")]
+
+
 @pytest.fixture
 def train_cli(monkeypatch, capsys):
-    """Run train's command line in this process: returns (exit status, stderr)."""
-    if "workdir" not in flags.FLAGS:
-        train.define_flags()
+    """Run train's command line in this process: returns (exit status, stderr).
+
+    The global absl flags are shared with other modules' tests (another CLI may have defined
+    --config), so train's flags are defined for this test only and the others put back after.
+    """
+    displaced = _remove_flags(_train_flag_names())
+    train.define_flags()
 
     def run(*args: str) -> tuple[int, str]:
         argv = ["resnet_jax.train", *args]
         monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
-        for name in list(flags.FLAGS):  # the overrides a previous run defined as flags
-            if name.startswith("config."):
-                delattr(flags.FLAGS, name)
+        _remove_flags([n for n in flags.FLAGS if n.startswith("config.")])  # a previous run's
         flags.FLAGS.unparse_flags()
-        try:
-            with pytest.raises(SystemExit) as exit_info:
-                config_utils.run_cli(train.main, argv)
-        finally:
-            flags.FLAGS.unparse_flags()
+        with pytest.raises(SystemExit) as exit_info:
+            config_utils.run_cli(train.main, argv)
         return exit_info.value.code, capsys.readouterr().err
 
-    return run
+    yield run
+    _remove_flags(_train_flag_names())
+    for name, flag in displaced.items():
+        flags.FLAGS[name] = flag
+    flags.FLAGS.unparse_flags()
 
 
 def assert_explained(code: int, stderr: str, *fragments: str) -> None:
