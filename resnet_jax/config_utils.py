@@ -303,6 +303,11 @@ def _explain_flag_error(error: Exception, argv: list[str]) -> str:
         )
     detail = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     reason = detail[-1] if detail else type(error).__name__
+    if "Could not override field" in str(error):  # the file sets a key to another type
+        return (
+            f"The config file sets a key to a value of the wrong type: {reason}. Fix the value in "
+            "the config file; configs/default.py lists every key with its type and meaning."
+        )
     if "Error whilst parsing config file" in str(error) or isinstance(error, OSError):
         configs = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.py")))
         return (
