@@ -16,12 +16,17 @@ schedulers report a signal), so rerun the command to resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import math
+import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -522,22 +527,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config = config_utils.resolve(config)
     workdir = prepare_workdir(workdir)
     enable_compilation_cache(config.compilation_cache_dir)
-    checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-    try:
-        results = finished_results(config, workdir, checkpoints)
-        if results is not None:
-            return results
-        run, state = setup(config, workdir, checkpoints)
+    with workdir_lock(workdir):
+        checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
         try:
-            state = train(run, state)
-            results = final_results(run, state)
-            run.reporter.write_results(results)
+            results = finished_results(config, workdir, checkpoints)
+            if results is not None:
+                return results
+            run, state = setup(config, workdir, checkpoints)
+            try:
+                state = train(run, state)
+                results = final_results(run, state)
+                run.reporter.write_results(results)
+            finally:
+                run.reporter.close()
+            log_results(results)
+            return results
         finally:
-            run.reporter.close()
-        log_results(results)
-        return results
-    finally:
-        checkpoints.close()  # waits for saves in flight: a started save is never lost
+            checkpoints.close()  # waits for saves in flight: a started save is never lost
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold `workdir/.lock` for the run, so that a second run on the workdir is refused rather
+    than interleaving its checkpoints and metrics with this one's. It is an flock: the kernel
+    releases it when the process dies, so even a kill -9 leaves no stale lock. (With several
+    processes only the main one locks: they share the workdir.)"""
+    if not parallel.is_main_process():
+        yield
+        return
+    path = workdir / LOCK_FILE
+    try:
+        lock = open(path, "a+")  # noqa: SIM115 (held until the run ends)
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot write to --workdir {workdir}: {error.strerror or error}. Pass a directory "
+            "that can be written to."
+        ) from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(
+                f"Another run is using --workdir {workdir} ({holder} holds {path}). Two runs on "
+                "one workdir would overwrite each other's checkpoints: wait for that run to end "
+                "(or stop it; its checkpoints are kept), or use another --workdir."
+            ) from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 def prepare_workdir(workdir: str | Path) -> Path:
