@@ -641,7 +641,8 @@ def setup(
     else:
         # Restoring needs only the state's shapes: eval_shape skips initializing (and compiling).
         state = restore(checkpoints, latest, par.restore_target(jax.eval_shape(new_state)))
-        logging.info("Resuming from the checkpoint at step %d.", latest)
+        # A damaged latest checkpoint is set aside for the one before: say which one it is.
+        logging.info("Resuming from the checkpoint at step %d.", int(jax.device_get(state.step)))
     logging.info(
         "Model %s: %s parameters, input %s.",
         config.model.name, f"{models.count_params(state.params):,}", input_shape[1:],
@@ -818,9 +819,12 @@ def compile_steps(
 
 
 def restore(checkpoints: checkpoint.Checkpoints, step: int, target: Any) -> ts.TrainState:
-    """The checkpoint at `step`, or a ConfigError if its arrays do not fit this config's state."""
+    """The checkpoint at `step` (or the newest earlier one if it is damaged), or a ConfigError if
+    its arrays do not fit this config's state."""
     try:
         return checkpoints.restore(step, target)
+    except checkpoint.CheckpointError:
+        raise  # damaged, with no earlier checkpoint: it explains itself
     except (ValueError, KeyError) as error:
         reason = " ".join(str(error).split())[:300]
         raise ConfigError(
