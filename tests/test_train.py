@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from absl import logging as absl_logging
 
 from resnet_jax import checkpoint, config_utils, models, optim, train
 from tests.conftest import REPO_ROOT
@@ -198,6 +199,7 @@ def train_cli(monkeypatch, capsys):
     --config), so train's flags are defined for this test only and the others put back after.
     """
     displaced = _remove_flags(_train_flag_names())
+    verbosity = absl_logging.get_verbosity()  # reparsing flags resets it (to WARNING)
     train.define_flags()
 
     def run(*args: str) -> tuple[int, str]:
@@ -214,6 +216,7 @@ def train_cli(monkeypatch, capsys):
     for name, flag in displaced.items():
         flags.FLAGS[name] = flag
     flags.FLAGS.unparse_flags()
+    absl_logging.set_verbosity(verbosity)
 
 
 def assert_explained(code: int, stderr: str, *fragments: str) -> None:
