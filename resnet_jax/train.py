@@ -637,12 +637,13 @@ def setup(
     )
     latest = checkpoints.latest_step()
     if latest is None:
-        state = new_state(pretrained_variables(config, model, input_shape))
+        state, resumed_step = new_state(pretrained_variables(config, model, input_shape)), 0
     else:
         # Restoring needs only the state's shapes: eval_shape skips initializing (and compiling).
         state = restore(checkpoints, latest, par.restore_target(jax.eval_shape(new_state)))
         # A damaged latest checkpoint is set aside for the one before: say which one it is.
-        logging.info("Resuming from the checkpoint at step %d.", int(jax.device_get(state.step)))
+        resumed_step = int(jax.device_get(state.step))
+        logging.info("Resuming from the checkpoint at step %d.", resumed_step)
     logging.info(
         "Model %s: %s parameters, input %s.",
         config.model.name, f"{models.count_params(state.params):,}", input_shape[1:],
@@ -651,7 +652,7 @@ def setup(
 
     reporter = Reporter(workdir, enabled=parallel.is_main_process())
     reporter.write_config(config_utils.to_json(config))
-    reporter.keep_history_until(latest or 0)
+    reporter.keep_history_until(resumed_step)  # later records are trained again
     train_step, eval_step = compile_steps(par, state, config, dataset.image_shape)
     run = Run(
         config, workdir, par, dataset, plan, schedule, input_shape, checkpoints, reporter,
