@@ -279,7 +279,19 @@ def pretrained_variables(
     # Layers the weights do not cover (e.g. a head for another number of classes) keep this init.
     init = jax.jit(functools.partial(model.init, train=False))
     fresh = init(jax.random.key(config.seed), jnp.zeros(input_shape, jnp.float32))
-    variables, report = convert.load_pretrained(fresh, config.model.pretrained, config.model.name)
+    try:
+        variables, report = convert.load_pretrained(
+            fresh, config.model.pretrained, config.model.name
+        )
+    except Exception as error:  # torch/safetensors' own errors for a file that is not weights
+        if config_utils.is_user_error(error):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"Cannot read model.pretrained = {config.model.pretrained!r} ({type(error).__name__}: "
+            f"{reason}). Give a torchvision .pth or .safetensors file, or a `python -m "
+            'resnet_jax.convert` output directory; "" trains from scratch.'
+        ) from None
     logging.info("%s", report.summary())
     return variables
 
