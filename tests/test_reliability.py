@@ -17,6 +17,7 @@ sends SIGKILL at the point it wants, so the code under test carries no fault hoo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -37,6 +38,12 @@ from resnet_jax import checkpoint
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, run_module, subprocess_env
 from tests.test_cli import TOTAL_STEPS, final_variables, read_jsonl
 from tests.test_train import assert_explained, train_cli  # noqa: F401 (a fixture)
+
+# Importing torchvision (triton) in a process that has already trained (TensorFlow loaded, orbax's
+# threads running) can segfault; test_train's pretrained test imports it after this module's
+# in-process runs, so import it first.
+with contextlib.suppress(ImportError):
+    import torchvision  # noqa: F401
 
 STEPS_PER_EPOCH = 9
 
@@ -265,6 +272,11 @@ def test_bad_image_folders_are_explained(train_cli, tmp_path, problem, fragments
     [
         # a family without published weights
         ("resnet20", ["Cannot convert weights for arch 'resnet20'", "resnet18, resnet34"]),
+        # a file that is not weights at all
+        (
+            "resnet18",
+            ["Cannot read model.pretrained", "weights.safetensors", "trains from scratch"],
+        ),
     ],
 )
 def test_a_mismatched_pretrained_file_is_explained(
