@@ -539,7 +539,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config = config_utils.resolve(config)
     workdir = prepare_workdir(workdir)
     enable_compilation_cache(config.compilation_cache_dir)
-    with workdir_lock(workdir):
+    # Signals are caught from here on, so one that arrives while compiling stops at step one.
+    with workdir_lock(workdir), StopSignal() as stop:
         checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
         try:
             results = finished_results(config, workdir, checkpoints)
@@ -547,7 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 return results
             run, state = setup(config, workdir, checkpoints)
             try:
-                state = train(run, state)
+                state = train(run, state, stop)
                 results = final_results(run, state)
                 run.reporter.write_results(results)
             finally:
@@ -673,7 +674,7 @@ def setup(
     return run, state
 
 
-def train(run: Run, state: ts.TrainState) -> ts.TrainState:
+def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
     """The epochs still to do: train, evaluate, checkpoint. Returns the final state."""
     plan = run.plan
     first_step = int(jax.device_get(run.par.host_state(state).step))
@@ -684,23 +685,22 @@ def train(run: Run, state: ts.TrainState) -> ts.TrainState:
     )  # fmt: skip
     train_metrics = TrainMetrics(run.par.fetch, run.reporter, plan, bar)
     try:
-        with StopSignal() as stop:
-            for epoch in range(first_step // plan.steps_per_epoch, plan.num_epochs):
-                epoch_start = epoch * plan.steps_per_epoch
-                steps = range(
-                    max(first_step, epoch_start),
-                    min(epoch_start + plan.steps_per_epoch, plan.total_steps),
-                )
-                if not steps:
-                    continue  # finished (and evaluated) before a restart
-                mid_epoch = steps.start > epoch_start
-                train_metrics.start_epoch(resumed_sums if mid_epoch else None)
-                bar.set_description(f"epoch {epoch + 1}/{plan.num_epochs}")
-                state, stopped_at = train_epoch(run, state, epoch, steps, train_metrics, bar, stop)
-                if stopped_at is not None:
-                    save(run, state, epoch, epoch_train_sums=train_metrics.epoch_sums)
-                    raise Interrupted(stop.signum, stopped_at)
-                end_epoch(run, state, epoch, train_metrics.epoch_means(), stop)
+        for epoch in range(first_step // plan.steps_per_epoch, plan.num_epochs):
+            epoch_start = epoch * plan.steps_per_epoch
+            steps = range(
+                max(first_step, epoch_start),
+                min(epoch_start + plan.steps_per_epoch, plan.total_steps),
+            )
+            if not steps:
+                continue  # finished (and evaluated) before a restart
+            mid_epoch = steps.start > epoch_start
+            train_metrics.start_epoch(resumed_sums if mid_epoch else None)
+            bar.set_description(f"epoch {epoch + 1}/{plan.num_epochs}")
+            state, stopped_at = train_epoch(run, state, epoch, steps, train_metrics, bar, stop)
+            if stopped_at is not None:
+                save(run, state, epoch, epoch_train_sums=train_metrics.epoch_sums)
+                raise Interrupted(stop.signum, stopped_at)
+            end_epoch(run, state, epoch, train_metrics.epoch_means(), stop)
     except LossNotFinite as bad:
         run.checkpoints.wait()
         message = diverged_message(bad, run.config, run.checkpoints.latest_step(), plan)
@@ -825,8 +825,8 @@ def compile_steps(
 
     train_batch = example_batch(config.batch_size, with_mask=False)
     eval_batch = example_batch(config.eval_batch_size, with_mask=True)
-    train_step = par.compile_train_step().lower(state, train_batch).compile()
-    eval_step = par.compile_eval_step().lower(state, eval_batch).compile()
+    train_step = par.precompile(par.compile_train_step(), state, train_batch)
+    eval_step = par.precompile(par.compile_eval_step(), state, eval_batch)
     logging.info("Compiled the train and eval steps in %.1f s.", time.perf_counter() - start)
     return train_step, eval_step
 
