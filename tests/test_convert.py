@@ -122,6 +122,21 @@ def test_eval_parity_with_torchvision(arch, file_format, tmp_path):
         assert_close(stages[stage], torch_stages[stage], f"{arch} {stage} output")
 
 
+@pytest.mark.parametrize("arch", convert.ARCHS)
+def test_safetensors_converts_exactly_as_pth(arch, tmp_path):
+    """With the .pth parity above, this carries torchvision parity to .safetensors for all."""
+    torch.manual_seed(1)
+    state_dict = {
+        key: torch.randn_like(value) if value.is_floating_point() else value
+        for key, value in getattr(torchvision.models, arch)(weights=None).state_dict().items()
+    }
+    from_pth = convert.torchvision_to_flax(save_weights(state_dict, tmp_path / "w.pth"), arch)
+    from_safetensors = convert.torchvision_to_flax(
+        save_weights(state_dict, tmp_path / "w.safetensors"), arch
+    )
+    chex.assert_trees_all_equal(from_pth, from_safetensors)
+
+
 def test_converted_layouts_and_dtypes():
     state_dict, *_ = torch_reference("resnet18")
     variables = convert.torchvision_to_flax(state_dict, "resnet18")
