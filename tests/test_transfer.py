@@ -123,7 +123,7 @@ def stage(path: tuple[str, ...]) -> int | None:
 def test_a_frozen_backbone_with_a_new_head_runs_end_to_end(
     pretrained, two_classes, cache_dir, tmp_path, caplog
 ):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # absl may sit at WARNING
     config = transfer_config(pretrained, two_classes, cache_dir)
     assert config.model.freeze == "backbone" and config.optimizer.name == "adam"
 
