@@ -14,6 +14,7 @@ on restore, and the previous one restored instead.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,37 @@ def _best_metric(metrics: dict[str, float]) -> float:
 
 def _as_abstract(metadata: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype)
+
+
+def _is_abandoned_read(unraisable: Any) -> bool:
+    return getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put" or (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
+
+
+def _not_an_abandoned_task(record: logging.LogRecord) -> bool:
+    return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
+
+
+def _quiet_abandoned_reads() -> None:
+    """Orbax reads a checkpoint's arrays in concurrent tasks on a short-lived event loop. When
+    one read fails (a damaged checkpoint), orbax raises that error, and the other failed reads
+    are reported as tracebacks: by asyncio's logger ("Task exception was never retrieved") and
+    as unraisable exceptions (when a coroutine is collected, or when TensorStore finishes a read
+    after the loop closed). From the first restore on, those reports are dropped; the error
+    orbax raises is handled by the caller, and other unraisable exceptions show as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_an_abandoned_task)
 
 
 def _not_missing_metric_warning(record: logging.LogRecord) -> bool:
@@ -142,6 +174,7 @@ class Checkpoints:
         returned state's `step` says which. A checkpoint that is intact but does not fit `target`
         raises the restore's own error (ValueError/KeyError), as before.
         """
+        _quiet_abandoned_reads()
         while True:
             try:
                 return self._restore_state(step, target)
@@ -190,6 +223,7 @@ class Checkpoints:
         """{"params", "batch_stats"} of `step` as host numpy arrays, with no state to restore
         into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
         saved = self._manager.item_metadata(step).state
+        _quiet_abandoned_reads()
         state = self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
         return {
             "params": jax.tree.map(np.asarray, state["params"]),

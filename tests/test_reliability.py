@@ -174,6 +174,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(trained_run, tmp_pa
     assert_same_as_uninterrupted(workdir, trained_run)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_only_checkpoint_is_explained(trained_run, tmp_path):
     directory = copy_of(trained_run, tmp_path) / "checkpoints"
     shutil.rmtree(directory / str(STEPS_PER_EPOCH))
