@@ -32,6 +32,20 @@ SHORTCUTS = ("A", "B")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def materialized(x: jax.Array) -> jax.Array:
+    """`x`, written once into its own buffer (on the CPU backend; elsewhere `x` as is).
+
+    XLA:CPU runs a conv's weight gradient on a channels-major copy of the conv's input, and fuses
+    the BN, ReLU and residual adds that produced that input into the copy, recomputing them in a
+    transposed, cache-hostile order. A matmul by the identity is a library call that XLA does not
+    fuse through, so the copy becomes a plain transpose of a stored array. Bit-exact for finite
+    `x` (each output is x_j * 1 plus exact zeros); an inf would make its pixel's other channels NaN.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    return jnp.dot(x, jnp.eye(x.shape[-1], dtype=x.dtype))
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -52,7 +66,7 @@ def conv_general_dilated(
     slow generic kernel: ResNet-50 at 32x32 has 2x2 and 1x1 maps in its last two stages, and its
     3x3 convs there took ~60% of the step; as dots, 1x1 convs ran ResNet-50's step 1.3-1.7x faster
     still. Taps that only ever see padding are dropped (they add exact zeros), so the result is
-    the same sum in another order.
+    the same sum in another order. Every other 2-D conv gets its input `materialized`.
     """
     conv = functools.partial(
         lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -77,7 +91,11 @@ def conv_general_dilated(
     # A 1x1 conv is a matmul over channels anyway; as a dot its weight gradient is a plain GEMM
     # too, where as a conv XLA:CPU first transposes the activations (channels to batch).
     if kh * kw > 1 and kh * kw <= min(height * width, out_h * out_w):
-        return conv()
+        # resnet20 1.33x, resnet18-cifar 1.22x faster with the conv's input materialized.
+        return lax.conv_general_dilated(
+            materialized(lhs), rhs, window_strides, padding, dimension_numbers=dimension_numbers,
+            precision=precision,
+        )  # fmt: skip
 
     def useful(size: int, out: int, stride: int, pad: int, taps: int) -> range:
         used = [k for k in range(taps) if any(0 <= o * stride + k - pad < size for o in range(out))]
