@@ -67,6 +67,12 @@ def _quiet_abandoned_reads() -> None:
     logging.getLogger("asyncio").addFilter(_not_an_abandoned_task)
 
 
+def _reason(error: Exception) -> str:
+    """A failed read's error in one short line (TensorStore appends its whole spec)."""
+    text = getattr(error, "reason", None) or str(error).split(" See full TensorStore details")[0]
+    return " ".join(text.split())[:200]
+
+
 def _not_missing_metric_warning(record: logging.LogRecord) -> bool:
     # Orbax warns on every save without metrics; ours are deliberate (mid-epoch saves, runs
     # without a validation split), so the warning would only alarm.
@@ -160,24 +166,41 @@ class Checkpoints:
         )
 
     def meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata saved with `step`."""
-        return dict(
-            self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        )
+        """The JSON metadata saved with `step`; a CheckpointError if it does not read back."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            return dict(restored.meta)
+        except Exception as error:
+            raise self._damaged(step, "metadata", error) from None
+
+    def latest_meta(self) -> tuple[int, dict[str, Any]] | None:
+        """(step, metadata) of the newest checkpoint, or None when there is none. A checkpoint
+        whose metadata does not read is set aside as in `restore`, and the one before tried."""
+        step = self.latest_step()
+        while step is not None:
+            try:
+                return step, self.meta(step)
+            except CheckpointError as error:
+                step = self._set_aside(step, error)
+        return None
 
     def restore(self, step: int, target: Any) -> Any:
         """The state saved at `step`, laid out as `target` says (abstract arrays with shardings,
         e.g. `Parallel.restore_target`), whatever device count it was saved from.
 
-        If the checkpoint at `step` is damaged (its own arrays cannot be read back), it is set
-        aside with an error in the log and the newest earlier checkpoint is restored instead: the
-        returned state's `step` says which. A checkpoint that is intact but does not fit `target`
-        raises the restore's own error (ValueError/KeyError), as before.
+        If the checkpoint at `step` is damaged (its own arrays or its metadata cannot be read
+        back), it is set aside with an error in the log and the newest earlier checkpoint is
+        restored instead: the returned state's `step` says which. A checkpoint that is intact but
+        does not fit `target` raises the restore's own error (ValueError/KeyError), as before.
         """
         _quiet_abandoned_reads()
         while True:
             try:
-                return self._restore_state(step, target)
+                state = self._restore_state(step, target)
+                self.meta(step)  # resuming needs it too: a checkpoint is usable only whole
+                return state
             except Exception as error:
                 if self._readable(step):
                     raise  # intact: `target` does not fit it
@@ -190,13 +213,27 @@ class Checkpoints:
         return restored.state
 
     def _readable(self, step: int) -> bool:
-        """Whether `step`'s arrays read back in the layout they were saved in."""
+        """Whether `step`'s arrays read back in the layout they were saved in, and its metadata."""
         try:
-            saved = self._manager.item_metadata(step).state
-            self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
+            self._restore_saved_layout(step)
+            self.meta(step)
             return True
         except Exception:
             return False
+
+    def _restore_saved_layout(self, step: int) -> dict[str, Any]:
+        saved = self._manager.item_metadata(step).state
+        return self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
+
+    def _damaged(self, step: int, what: str, error: Exception) -> CheckpointError:
+        damaged = CheckpointError(
+            f"The checkpoint at step {step} in {self.directory} is damaged: its {what} cannot be "
+            f"read back ({_reason(error)}). Use an earlier checkpoint (ls {self.directory} lists "
+            f"them; pass --checkpoint {self.directory}/STEP), or rerun training with the same "
+            "command, which sets a damaged checkpoint aside and resumes from the one before."
+        )
+        damaged.reason = f"its {what}: {_reason(error)}"
+        return damaged
 
     def _set_aside(self, step: int, error: Exception) -> int:
         """Move the damaged checkpoint `step` out of the manager's sight; the step to try next."""
@@ -205,7 +242,7 @@ class Checkpoints:
         (self.directory / str(step)).rename(aside)
         self._manager.reload()
         earlier = [s for s in self._manager.all_steps() if s < step]
-        reason = " ".join(str(error).split(" See full TensorStore details")[0].split())[:200]
+        reason = _reason(error)
         if not earlier:
             raise CheckpointError(
                 f"The checkpoint at step {step} in {self.directory} is damaged ({reason}) and "
@@ -222,9 +259,11 @@ class Checkpoints:
     def restore_variables(self, step: int) -> dict[str, Any]:
         """{"params", "batch_stats"} of `step` as host numpy arrays, with no state to restore
         into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
-        saved = self._manager.item_metadata(step).state
         _quiet_abandoned_reads()
-        state = self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
+        try:
+            state = self._restore_saved_layout(step)
+        except Exception as error:
+            raise self._damaged(step, "arrays", error) from None
         return {
             "params": jax.tree.map(np.asarray, state["params"]),
             "batch_stats": jax.tree.map(np.asarray, state.get("batch_stats", {})),

@@ -613,10 +613,10 @@ def finished_results(
     config: ml_collections.ConfigDict, workdir: Path, checkpoints: checkpoint.Checkpoints
 ) -> dict[str, Any] | None:
     """The results of the workdir's run if it is finished (its config agreeing), else None."""
-    latest = checkpoints.latest_step()
-    if latest is None:
+    newest = checkpoints.latest_meta()
+    if newest is None:
         return None
-    meta = checkpoints.meta(latest)
+    latest, meta = newest
     check_run_identity(config_utils.resolve(meta["config"]), config, workdir)
     total_steps = make_plan(config, meta["num_train_examples"]).total_steps
     results = read_results(workdir)
@@ -864,6 +864,7 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
     state = run.par.place_state(
         run.checkpoints.restore(step, run.par.restore_target(run.par.host_state(state)))
     )
+    step = int(jax.device_get(run.par.host_state(state).step))  # an earlier one if it was damaged
     epoch = run.checkpoints.meta(step)["epoch"]
     logging.info("Testing the checkpoint at step %d (epoch %d, %s).", step, epoch, why)
     evaluation = evaluate(

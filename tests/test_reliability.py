@@ -174,6 +174,36 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(trained_run, tmp_pa
     assert_same_as_uninterrupted(workdir, trained_run)
 
 
+@pytest.mark.parametrize("finished", [False, True], ids=["unfinished", "finished"])
+def test_damaged_metadata_falls_back_to_the_previous_checkpoint(trained_run, tmp_path, finished):
+    # The latest checkpoint's JSON item cut short; finished, the rerun must not just report.
+    workdir = copy_of(trained_run, tmp_path)
+    if not finished:
+        (workdir / "results.json").unlink()
+    metadata = workdir / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"
+    metadata.write_text(metadata.read_text()[:20])
+
+    rerun = run_module("resnet_jax.train", *args_for(trained_run, workdir))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Traceback" not in rerun.stderr
+    log = " ".join(rerun.stderr.split())
+    assert f"The checkpoint at step {TOTAL_STEPS} in {workdir / 'checkpoints'} is damaged" in log
+    assert "its metadata" in log
+    assert f"Resuming from the checkpoint at step {STEPS_PER_EPOCH}." in log
+    assert_same_as_uninterrupted(workdir, trained_run)
+
+
+def test_evaluating_a_damaged_checkpoint_is_explained(trained_run, tmp_path):
+    checkpoints = copy_of(trained_run, tmp_path) / "checkpoints"
+    metadata = checkpoints / str(TOTAL_STEPS) / "meta" / "metadata"
+    metadata.write_text("{")
+    done = run_module("resnet_jax.evaluate", f"--checkpoint={checkpoints / str(TOTAL_STEPS)}")
+    assert_explained(
+        done.returncode, done.stderr, f"The checkpoint at step {TOTAL_STEPS}", "is damaged"
+    )
+    assert metadata.exists()  # evaluation reads; it moves nothing
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_only_checkpoint_is_explained(trained_run, tmp_path):
     directory = copy_of(trained_run, tmp_path) / "checkpoints"
