@@ -79,6 +79,14 @@ def _not_missing_metric_warning(record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
 
 
+def _write_error_without_traceback(record: logging.LogRecord) -> bool:
+    # Orbax's background threads log a failed write (a full disk) with its traceback, then the
+    # error reaches `Checkpoints`, which explains it in one paragraph: keep orbax's line only.
+    if record.exc_info and isinstance(record.exc_info[1], OSError) and "orbax" in record.pathname:
+        record.exc_info = record.exc_text = None
+    return True
+
+
 class CheckpointError(ValueError):
     """No usable checkpoint could be restored; the message says what was found and what to do."""
 
@@ -109,7 +117,9 @@ class Checkpoints:
             enable_async_checkpointing=True,
         )
         absl_logging.get_absl_logger().addFilter(_not_missing_metric_warning)
+        absl_logging.get_absl_logger().addFilter(_write_error_without_traceback)
         self.directory = Path(directory).absolute()
+        self._last_started: int | None = None  # the newest save, which may still be writing
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -149,10 +159,21 @@ class Checkpoints:
                 force=True,  # the training loop decides when to save, not orbax's interval
             )
         except OSError as error:  # a full disk, a read-only or vanished directory
-            raise self._save_error(step, error) from None
+            raise self._save_error(self._failed_step(step), error) from None
+        self._last_started = step
+
+    def _failed_step(self, step: int) -> int:
+        """Which save an OSError belongs to: orbax raises a background write's error at the next
+        save or wait, so it is the previous save's if that one never completed on disk."""
+        previous = self._last_started
+        if previous is not None and not (self.directory / str(previous)).is_dir():
+            return previous
+        return step
 
     def _save_error(self, step: int, error: OSError) -> CheckpointError:
-        complete = [s for s in self._manager.all_steps() if s < step]
+        complete = [
+            s for s in self._manager.all_steps() if s < step and (self.directory / str(s)).is_dir()
+        ]
         kept = (
             f"the latest complete checkpoint (step {max(complete)}) is intact and the rerun "
             "resumes from it"
@@ -270,9 +291,15 @@ class Checkpoints:
         }
 
     def wait(self) -> None:
-        """Block until every save started so far is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every save started so far is on disk; a CheckpointError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except OSError as error:
+            raise self._save_error(self._last_started, error) from None
 
     def close(self) -> None:
         """Finish pending saves and release the manager's threads."""
-        self._manager.close()
+        try:
+            self._manager.close()
+        except OSError as error:
+            raise self._save_error(self._last_started, error) from None

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from PIL import Image
 
 from resnet_jax import checkpoint
@@ -252,6 +253,42 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(
         checkpoints.close()
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_full_disk_in_the_background_write_keeps_the_previous_checkpoint(
+    train_cli,  # noqa: F811
+    trained_run,
+    tiny_overrides,
+    tmp_path,
+    monkeypatch,
+):
+    # The save call returns and the disk fills while orbax's threads write: step 18's JSON items
+    # fail, and the error surfaces at the next wait, with orbax's own tracebacks in its threads.
+    original = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def save_fn(self, item, directory):
+        if f"/{TOTAL_STEPS}.orbax-checkpoint-tmp" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, item, directory)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", save_fn)
+        code, stderr = train_cli(*tiny_overrides, f"--workdir={tmp_path}")
+    assert_explained(
+        code,
+        stderr,
+        f"Cannot save the checkpoint at step {TOTAL_STEPS}",
+        "No space left on device",
+        f"(step {STEPS_PER_EPOCH}) is intact",
+    )
+    assert not (tmp_path / "results.json").exists()
+
+    # Space freed: the rerun resumes and ends as an uninterrupted run.
+    code, stderr = train_cli(*tiny_overrides, f"--workdir={tmp_path}")
+    assert code == 0, stderr[-3000:]
+    assert f" {STEPS_PER_EPOCH}/{TOTAL_STEPS} " in stderr  # the progress bar starts at step 9
+    assert f" 0/{TOTAL_STEPS} " not in stderr
+    assert_same_as_uninterrupted(tmp_path, trained_run)
 
 
 # --- Bad input ----------------------------------------------------------------------------------
