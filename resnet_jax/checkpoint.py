@@ -69,7 +69,7 @@ def _quiet_abandoned_reads() -> None:
 
 def _reason(error: Exception) -> str:
     """A failed read's error in one short line (TensorStore appends its whole spec)."""
-    text = getattr(error, "reason", None) or str(error).split(" See full TensorStore details")[0]
+    text = getattr(error, "reason", "") or str(error).split(" See full TensorStore details")[0]
     return " ".join(text.split())[:200]
 
 
@@ -89,6 +89,10 @@ def _write_error_without_traceback(record: logging.LogRecord) -> bool:
 
 class CheckpointError(ValueError):
     """No usable checkpoint could be restored; the message says what was found and what to do."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason  # for a damaged checkpoint: what did not read back, in a few words
 
 
 class Checkpoints:
@@ -247,14 +251,14 @@ class Checkpoints:
         return self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
 
     def _damaged(self, step: int, what: str, error: Exception) -> CheckpointError:
-        damaged = CheckpointError(
-            f"The checkpoint at step {step} in {self.directory} is damaged: its {what} cannot be "
-            f"read back ({_reason(error)}). Use an earlier checkpoint (ls {self.directory} lists "
-            f"them; pass --checkpoint {self.directory}/STEP), or rerun training with the same "
-            "command, which sets a damaged checkpoint aside and resumes from the one before."
+        reason = f"its {what} cannot be read back ({_reason(error)})"
+        return CheckpointError(
+            f"The checkpoint at step {step} in {self.directory} is damaged: {reason}. Use an "
+            f"earlier checkpoint (ls {self.directory} lists them; pass --checkpoint "
+            f"{self.directory}/STEP), or rerun training with the same command, which sets a "
+            "damaged checkpoint aside and resumes from the one before.",
+            reason,
         )
-        damaged.reason = f"its {what}: {_reason(error)}"
-        return damaged
 
     def _set_aside(self, step: int, error: Exception) -> int:
         """Move the damaged checkpoint `step` out of the manager's sight; the step to try next."""
