@@ -43,7 +43,25 @@ def materialized(x: jax.Array) -> jax.Array:
     """
     if jax.default_backend() != "cpu":
         return x
+    return _identity_matmul(x)
+
+
+@jax.custom_vjp
+def _identity_matmul(x: jax.Array) -> jax.Array:
     return jnp.dot(x, jnp.eye(x.shape[-1], dtype=x.dtype))
+
+
+def _identity_matmul_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return _identity_matmul(x), None
+
+
+def _identity_matmul_bwd(_: None, cotangent: jax.Array) -> tuple[jax.Array]:
+    # The gradient passes through: differentiating the matmul would add a second one (resnet20
+    # 1.07x faster without it, resnet18-cifar and resnet50 unchanged).
+    return (cotangent,)
+
+
+_identity_matmul.defvjp(_identity_matmul_fwd, _identity_matmul_bwd)
 
 
 def conv_general_dilated(

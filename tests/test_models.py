@@ -8,6 +8,7 @@ keys because compiling threefry's random bits for every parameter shape costs se
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torchvision
 from flax import traverse_util
+from jax import lax
 
 from resnet_jax import models
 
@@ -280,3 +282,46 @@ def test_bad_choices_raise_listing_the_valid_ones(arguments, choices):
         models.get_model(**arguments)
 
     assert f"valid choices are: {', '.join(choices)}." in str(error.value)
+
+
+CONV_CASES = [
+    pytest.param((2, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), id="3x3-materialized"),
+    pytest.param((2, 9, 9, 4), (7, 7), (2, 2), ((3, 3), (3, 3)), id="7x7-stride2-stem"),
+    pytest.param((2, 8, 8, 4), (1, 1), (2, 2), ((0, 0), (0, 0)), id="1x1-stride2-as-dot"),
+    pytest.param((2, 2, 2, 4), (3, 3), (1, 1), ((1, 1), (1, 1)), id="3x3-on-2x2-im2col"),
+    pytest.param((2, 3, 3, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), id="3x3-stride2-on-3x3-im2col"),
+]
+
+
+@pytest.mark.parametrize(("lhs_shape", "window", "strides", "padding"), CONV_CASES)
+def test_conv_hook_equals_lax_conv_with_gradients(lhs_shape, window, strides, padding):
+    # Every path of nn.Conv's hook (materialized input, im2col, 1x1 as a dot) against XLA's conv.
+    lhs = jax.random.normal(jax.random.key(1, impl="rbg"), lhs_shape)
+    rhs = jax.random.normal(jax.random.key(2, impl="rbg"), (*window, lhs_shape[-1], 5))
+    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, lhs, rhs):
+        y = conv(lhs, rhs, strides, padding, dimension_numbers=numbers)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, want), want_grads = jax.value_and_grad(
+        functools.partial(loss, lax.conv_general_dilated), argnums=(0, 1), has_aux=True
+    )(lhs, rhs)
+    (_, got), got_grads = jax.value_and_grad(
+        functools.partial(loss, models.conv_general_dilated), argnums=(0, 1), has_aux=True
+    )(lhs, rhs)
+    # float32 sums in another order: a wrong tap or shift would be off by O(1), not 1e-4.
+    chex.assert_trees_all_close((got, got_grads), (want, want_grads), rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_equals_flax_with_gradients_routed_to_the_first_maximum():
+    x = jax.random.normal(jax.random.key(3, impl="rbg"), (2, 7, 7, 3))
+    x = x.at[:, 2, 2, :].set(x[:, 2, 3, :])  # ties: the gradient goes to the first in the window
+    args = ((3, 3), (2, 2), ((1, 1), (1, 1)))
+
+    def loss(pool, x):
+        return jnp.sum(jnp.sin(pool(x, *args)))
+
+    want = jax.value_and_grad(functools.partial(loss, nn.max_pool))(x)
+    got = jax.value_and_grad(functools.partial(loss, models.max_pool))(x)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
