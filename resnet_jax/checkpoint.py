@@ -7,8 +7,10 @@ Saving is asynchronous: `save` returns once the arrays are copied off the device
 are written in the background. Writes are atomic, so a run killed mid-save keeps its earlier
 checkpoints (orbax writes into a `STEP.orbax-checkpoint-tmp-*` directory, which it never lists as
 a checkpoint, and renames it when complete). A complete checkpoint that is later damaged (a
-truncated or deleted array file) is set aside into `corrupt_checkpoints/` next to the directory
-on restore, and the previous one restored instead.
+truncated or deleted array file, unreadable metadata) is set aside into `corrupt_checkpoints/`
+next to the directory on restore, and the previous one restored instead. A write that fails (a
+full disk), in the save call or later in orbax's background threads, raises a CheckpointError
+naming the failed step and the last complete one.
 """
 
 from __future__ import annotations
