@@ -325,3 +325,20 @@ def test_max_pool_equals_flax_with_gradients_routed_to_the_first_maximum():
     want = jax.value_and_grad(functools.partial(loss, nn.max_pool))(x)
     got = jax.value_and_grad(functools.partial(loss, models.max_pool))(x)
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("train", "frozen_stages", "materialized_convs"),
+    [(True, -1, 19), (False, -1, 0), (True, 2, 6)],  # resnet20: the stem and 18 3x3 convs
+    ids=["train", "eval", "train-frozen-to-stage-2"],
+)
+def test_only_convs_that_get_a_weight_gradient_materialize_their_input(
+    train, frozen_stages, materialized_convs
+):
+    model = models.get_model("resnet20", 10, frozen_stages=frozen_stages, **TINY)
+    variables = tiny_variables("resnet20", **TINY)
+    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=train, mutable=["batch_stats"]))(
+        variables, tiny_images()
+    )
+    calls = [e for e in jaxpr.eqns if e.primitive.name.startswith("custom_vjp_call")]
+    assert len(calls) == materialized_convs
