@@ -22,10 +22,10 @@ import errno
 import fcntl
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -54,6 +54,27 @@ def args_for(trained_run: dict, workdir: Path) -> list[str]:
     return [a for a in trained_run["args"] if not a.startswith("--workdir")] + [
         f"--workdir={workdir}"
     ]
+
+
+@contextlib.contextmanager
+def training_in_background(args: list[str], log: Path, ready: Callable[[], bool]):
+    """`python -m resnet_jax.train ARGS` as a subprocess (stderr to `log`), yielded once `ready()`
+    holds, and killed with SIGKILL when the block is left."""
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "resnet_jax.train", *args],
+            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+            while not ready():
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            yield process
+        finally:
+            process.kill()
+            process.wait(SUBPROCESS_TIMEOUT_S)
 
 
 def records(workdir: Path) -> list[dict]:
@@ -96,22 +117,9 @@ KILL_POINTS = {
 def test_kill_9_loses_only_the_work_since_the_last_checkpoint(trained_run, tmp_path, point):
     workdir = tmp_path / "killed"
     args = args_for(trained_run, workdir)
-    log = tmp_path / "killed.log"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "resnet_jax.train", *args],
-            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-            while not KILL_POINTS[point](records(workdir), workdir):
-                assert process.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait(SUBPROCESS_TIMEOUT_S)
+    at_the_point = lambda: KILL_POINTS[point](records(workdir), workdir)  # noqa: E731
+    with training_in_background(args, tmp_path / "killed.log", at_the_point):
+        pass  # leaving the block is the kill -9
     assert not (workdir / "results.json").exists()
     # Whatever orbax left (a *.orbax-checkpoint-tmp-* directory), only complete steps are listed.
     checkpoints = checkpoint.Checkpoints(workdir / "checkpoints")
@@ -408,25 +416,13 @@ def test_a_second_run_on_the_same_workdir_is_refused(
     workdir = tmp_path / "shared"
     args = args_for(trained_run, workdir)
     log = tmp_path / "first.log"
-    with open(log, "w") as stderr:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "resnet_jax.train", *args],
-            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+    # Once the first run loads data, it holds the lock.
+    with training_in_background(args, log, lambda: "Dataset cifar10" in log.read_text()) as first:
+        code, stderr_text = train_cli(*args)
+        assert_explained(
+            code, stderr_text, f"Another run is using --workdir {workdir}",
+            f"process {first.pid} on", "or use another --workdir",
         )  # fmt: skip
-        try:
-            deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-            while "Dataset cifar10" not in log.read_text():  # the first run holds the lock
-                assert first.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.01)
-            code, stderr_text = train_cli(*args)
-            assert_explained(
-                code, stderr_text, f"Another run is using --workdir {workdir}",
-                f"process {first.pid} on", "or use another --workdir",
-            )  # fmt: skip
-            first.send_signal(signal.SIGKILL)
-        finally:
-            first.kill()
-            first.wait(SUBPROCESS_TIMEOUT_S)
     # The kernel released the dead run's lock: nothing stale stops the rerun.
     with open(workdir / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
