@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import resnet_jax  # noqa: E402,F401  (sets the per-backend XLA defaults before JAX starts)
-from resnet_jax import data, models, optim, parallel, train_state  # noqa: E402
+from resnet_jax import data, models, onednn, optim, parallel, train_state  # noqa: E402
 
 try:  # on-device crop + flip; the input-pipeline check falls back to normalize-only without it
     from resnet_jax import augment
@@ -428,6 +428,7 @@ def machine() -> dict[str, str]:
         "backend": jax.default_backend(),
         "torch": torch.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "convs": "oneDNN" if onednn.available() else "XLA",
     }
 
 
@@ -474,7 +475,7 @@ def print_report(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(
         f"\nMachine: {m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['backend']}), "
-        f"torch {m['torch']}; XLA_FLAGS={m['xla_flags']!r}"
+        f"torch {m['torch']}; XLA_FLAGS={m['xla_flags']!r}; convs: {m['convs']}"
     )
     g = result["gemm_gflop_s"]
     print(

@@ -5,6 +5,7 @@ process instead of every test compiling a whole-model program. They are initiali
 keys because compiling threefry's random bits for every parameter shape costs seconds on CPU.
 """
 
+import collections
 import functools
 
 import chex
@@ -19,7 +20,7 @@ import torchvision
 from flax import traverse_util
 from jax import lax
 
-from resnet_jax import models
+from resnet_jax import models, onednn
 
 IMAGENET_NAMES = tuple(models.IMAGENET_FAMILY)
 CIFAR_NAMES = tuple(models.CIFAR_FAMILY)
@@ -285,7 +286,8 @@ def test_bad_choices_raise_listing_the_valid_ones(arguments, choices):
 
 
 CONV_CASES = [
-    pytest.param((2, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), id="3x3-materialized"),
+    pytest.param((2, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), id="3x3"),
+    pytest.param((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1)), id="3x3-stride2"),
     pytest.param((2, 9, 9, 4), (7, 7), (2, 2), ((3, 3), (3, 3)), id="7x7-stride2-stem"),
     pytest.param((2, 8, 8, 4), (1, 1), (2, 2), ((0, 0), (0, 0)), id="1x1-stride2-as-dot"),
     pytest.param((2, 2, 2, 4), (3, 3), (1, 1), ((1, 1), (1, 1)), id="3x3-on-2x2-im2col"),
@@ -293,9 +295,23 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=["onednn", "xla"])
+def conv_backend(request, monkeypatch):
+    """Each conv test runs on oneDNN's convs and on XLA's (the fallback; other backends)."""
+    if request.param == "onednn":
+        if not onednn.available():
+            pytest.skip("oneDNN convolutions are not available here")
+    else:
+        monkeypatch.setattr(onednn, "usable", lambda lhs, rhs: False)
+    return request.param
+
+
 @pytest.mark.parametrize(("lhs_shape", "window", "strides", "padding"), CONV_CASES)
-def test_conv_hook_equals_lax_conv_with_gradients(lhs_shape, window, strides, padding):
-    # Every path of nn.Conv's hook (materialized input, im2col, 1x1 as a dot) against XLA's conv.
+def test_conv_hook_equals_lax_conv_with_gradients(
+    conv_backend, lhs_shape, window, strides, padding
+):
+    # Every path of nn.Conv's hook (oneDNN or materialized input, im2col, 1x1 as a dot) against
+    # XLA's conv, compiled as in training.
     lhs = jax.random.normal(jax.random.key(1, impl="rbg"), lhs_shape)
     rhs = jax.random.normal(jax.random.key(2, impl="rbg"), (*window, lhs_shape[-1], 5))
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -304,12 +320,12 @@ def test_conv_hook_equals_lax_conv_with_gradients(lhs_shape, window, strides, pa
         y = conv(lhs, rhs, strides, padding, dimension_numbers=numbers)
         return jnp.sum(jnp.sin(y)), y
 
-    (_, want), want_grads = jax.value_and_grad(
-        functools.partial(loss, lax.conv_general_dilated), argnums=(0, 1), has_aux=True
-    )(lhs, rhs)
-    (_, got), got_grads = jax.value_and_grad(
-        functools.partial(loss, models.conv_general_dilated), argnums=(0, 1), has_aux=True
-    )(lhs, rhs)
+    def value_and_grads(conv):
+        grad_fn = jax.value_and_grad(functools.partial(loss, conv), argnums=(0, 1), has_aux=True)
+        return jax.jit(grad_fn)(lhs, rhs)
+
+    (_, want), want_grads = value_and_grads(lax.conv_general_dilated)
+    (_, got), got_grads = value_and_grads(models.conv_general_dilated)
     # float32 sums in another order: a wrong tap or shift would be off by O(1), not 1e-4.
     chex.assert_trees_all_close((got, got_grads), (want, want_grads), rtol=1e-4, atol=1e-4)
 
@@ -327,18 +343,40 @@ def test_max_pool_equals_flax_with_gradients_routed_to_the_first_maximum():
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def custom_vjp_calls(model: models.ResNet, train: bool) -> collections.Counter:
+    """The model's custom-VJP calls by kind: oneDNN convs (`onednn`) and `materialized` inputs."""
+    variables = tiny_variables("resnet20", **TINY)
+    apply = functools.partial(model.apply, train=train, mutable=["batch_stats"])
+    jaxpr = jax.make_jaxpr(apply)(variables, tiny_images())
+    kinds = collections.Counter()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("custom_vjp_call"):
+            inner = {e.primitive.name for e in eqn.params["call_jaxpr"].eqns}
+            kinds["onednn" if "ffi_call" in inner else "materialized"] += 1
+    return kinds
+
+
 @pytest.mark.parametrize(
     ("train", "frozen_stages", "materialized_convs"),
     [(True, -1, 19), (False, -1, 0), (True, 2, 6)],  # resnet20: the stem and 18 3x3 convs
     ids=["train", "eval", "train-frozen-to-stage-2"],
 )
-def test_only_convs_that_get_a_weight_gradient_materialize_their_input(
-    train, frozen_stages, materialized_convs
+def test_without_onednn_only_convs_that_get_a_weight_gradient_materialize_their_input(
+    monkeypatch, train, frozen_stages, materialized_convs
 ):
+    monkeypatch.setattr(onednn, "usable", lambda lhs, rhs: False)
     model = models.get_model("resnet20", 10, frozen_stages=frozen_stages, **TINY)
-    variables = tiny_variables("resnet20", **TINY)
-    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=train, mutable=["batch_stats"]))(
-        variables, tiny_images()
+
+    assert custom_vjp_calls(model, train) == collections.Counter(
+        {"materialized": materialized_convs} if materialized_convs else {}
     )
-    calls = [e for e in jaxpr.eqns if e.primitive.name.startswith("custom_vjp_call")]
-    assert len(calls) == materialized_convs
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_with_onednn_every_3x3_conv_runs_on_it_and_nothing_is_materialized(train):
+    if not onednn.available():
+        pytest.skip("oneDNN convolutions are not available here")
+
+    assert custom_vjp_calls(models.get_model("resnet20", 10, **TINY), train) == {"onednn": 19}
+    bfloat16 = models.get_model("resnet20", 10, dtype=jnp.bfloat16, **TINY)
+    assert custom_vjp_calls(bfloat16, train)["onednn"] == 0  # bf16 stays with XLA

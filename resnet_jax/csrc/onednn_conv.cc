@@ -1,0 +1,157 @@
+// 2-D float32 convolutions through oneDNN, as XLA FFI handlers for the CPU backend.
+//
+// Activations are NHWC and kernels HWIO, as in resnet_jax.models; oneDNN reads and writes the
+// activations in place and reorders only the (small) kernels to its preferred blocked layout.
+// Each handler is one primitive: the forward conv, the input gradient and the kernel gradient.
+// Primitives are built once per shape and kept for the life of the process.
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr memory::data_type kF32 = memory::data_type::f32;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// oneDNN's logical dims (NCHW, OIHW) of one conv, whatever the physical layout.
+struct Geometry {
+  memory::dims src, weights, dst, strides, pad_low, pad_high;
+
+  std::string Key(char kind) const {
+    std::string key(1, kind);
+    for (const memory::dims* dims : {&src, &weights, &dst, &strides, &pad_low, &pad_high})
+      for (memory::dim d : *dims) key += "," + std::to_string(d);
+    return key;
+  }
+  memory::desc Src() const { return {src, kF32, Tag::nhwc}; }
+  memory::desc Dst() const { return {dst, kF32, Tag::nhwc}; }
+  memory::desc AnyWeights() const { return {weights, kF32, Tag::any}; }
+  memory::desc UserWeights() const { return {weights, kF32, Tag::hwio}; }
+};
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                      ffi::Span<const int64_t> y, int64_t stride_h, int64_t stride_w,
+                      int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  return Geometry{{x[0], x[3], x[1], x[2]},       {w[3], w[2], w[0], w[1]},
+                  {y[0], y[3], y[1], y[2]},       {stride_h, stride_w},
+                  {pad_h_lo, pad_w_lo},           {pad_h_hi, pad_w_hi}};
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+          g.Src(), g.AnyWeights(), g.Dst(), g.strides, g.pad_low, g.pad_high};
+}
+
+// A primitive and its descriptor for one shape, built on first use and kept.
+template <typename Primitive, typename Build>
+std::shared_ptr<Primitive> Cached(const std::string& key, Build build) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, std::shared_ptr<void>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::shared_ptr<void>& slot = cache[key];
+  if (!slot) slot = std::make_shared<Primitive>(build());
+  return std::static_pointer_cast<Primitive>(slot);
+}
+
+// The user's HWIO kernel in the layout the primitive wants (a reorder when they differ).
+memory KernelAs(const memory::desc& wanted, const Geometry& g, void* data, dnnl::stream& stream) {
+  memory user(g.UserWeights(), Engine(), data);
+  if (wanted == user.get_desc()) return user;
+  memory reordered(wanted, Engine());
+  dnnl::reorder(user, reordered).execute(stream, user, reordered);
+  return reordered;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
+                   int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride_h, stride_w,
+                            pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
+  using Desc = dnnl::convolution_forward::primitive_desc;
+  auto cached = Cached<std::pair<Desc, dnnl::convolution_forward>>(g.Key('f'), [&] {
+    Desc desc = ForwardDesc(g);
+    return std::make_pair(desc, dnnl::convolution_forward(desc));
+  });
+  dnnl::stream stream(Engine());
+  memory src(g.Src(), Engine(), x.typed_data()), dst(g.Dst(), Engine(), y->typed_data());
+  memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
+  cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h, int64_t stride_w,
+                        int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), stride_h, stride_w,
+                            pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
+  using Desc = dnnl::convolution_backward_data::primitive_desc;
+  auto cached = Cached<std::pair<Desc, dnnl::convolution_backward_data>>(g.Key('d'), [&] {
+    Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+              g.strides, g.pad_low, g.pad_high, ForwardDesc(g));
+    return std::make_pair(desc, dnnl::convolution_backward_data(desc));
+  });
+  dnnl::stream stream(Engine());
+  memory diff_dst(g.Dst(), Engine(), dy.typed_data()), diff_src(g.Src(), Engine(), dx->typed_data());
+  memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
+  cached->second.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, kernel},
+                                  {DNNL_ARG_DIFF_SRC, diff_src}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h, int64_t stride_w,
+                           int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride_h, stride_w,
+                            pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
+  using Desc = dnnl::convolution_backward_weights::primitive_desc;
+  auto cached = Cached<std::pair<Desc, dnnl::convolution_backward_weights>>(g.Key('w'), [&] {
+    Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+              g.strides, g.pad_low, g.pad_high, ForwardDesc(g));
+    return std::make_pair(desc, dnnl::convolution_backward_weights(desc));
+  });
+  dnnl::stream stream(Engine());
+  memory src(g.Src(), Engine(), x.typed_data()), diff_dst(g.Dst(), Engine(), dy.typed_data());
+  memory user(g.UserWeights(), Engine(), dw->typed_data());
+  const memory::desc& wanted = cached->first.diff_weights_desc();
+  memory diff_weights = wanted == user.get_desc() ? user : memory(wanted, Engine());
+  cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                  {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
+  if (diff_weights != user) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+// Two NHWC/HWIO operands, one result, and the conv's strides and explicit padding.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_h_lo")
+      .Attr<int64_t>("pad_h_hi")
+      .Attr<int64_t>("pad_w_lo")
+      .Attr<int64_t>("pad_w_hi");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvForward, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardData, BackwardData, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardWeights, BackwardWeights, Binding());

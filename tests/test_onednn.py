@@ -1,0 +1,88 @@
+"""oneDNN convolutions: built and used where they can be, XLA's convs where they cannot.
+
+The conv itself is checked against `lax.conv_general_dilated` in test_models.py (every path of
+the conv hook, gradients included); here: the build, the fallback and a whole train step.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from resnet_jax import models, onednn, train_state
+
+
+@pytest.fixture
+def fresh_availability(monkeypatch):
+    """`onednn.available()` computed again in this test, and again after it."""
+    onednn.available.cache_clear()
+    yield
+    monkeypatch.undo()
+    onednn.available.cache_clear()
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="oneDNN wheels: Linux x86-64"
+)
+def test_the_shim_builds_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path))
+
+    library = onednn.build_library()
+
+    assert library.is_file() and library.is_relative_to(tmp_path)
+    assert onednn.build_library() == library  # the second call reuses the build
+
+
+def test_a_failed_build_falls_back_to_xla_with_one_warning(fresh_availability, monkeypatch, caplog):
+    def no_compiler():
+        raise onednn.BuildError("no C++ compiler (g++) on PATH; install g++ or set CXX")
+
+    monkeypatch.setattr(onednn, "build_library", no_compiler)
+    with caplog.at_level(logging.WARNING, logger=onednn.__name__):
+        assert not onednn.available()
+        assert not onednn.available()
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "oneDNN convolutions are off, XLA's are used instead: no C++ compiler (g++) on PATH; "
+        "install g++ or set CXX"
+    ]
+
+
+def test_the_environment_variable_turns_it_off(fresh_availability, monkeypatch):
+    monkeypatch.setenv(onednn.DISABLE_ENV, "0")
+
+    assert not onednn.available()
+
+
+def test_a_train_step_on_onednn_equals_the_one_on_xla(monkeypatch):
+    if not onednn.available():
+        pytest.skip("oneDNN convolutions are not available here")
+    model = models.get_model("resnet20", 10, width=4)
+    init = jax.jit(lambda rng: model.init(rng, jnp.zeros((4, 16, 16, 3)), train=False))
+    variables = init(jax.random.key(0, impl="rbg"))  # rbg: a short compile of the initializers
+    state = train_state.create(
+        model, optax.sgd(0.1, momentum=0.9), jax.random.key(1), (4, 16, 16, 3), variables=variables
+    )
+    images = jax.random.normal(jax.random.key(2, impl="rbg"), (4, 16, 16, 3))
+    batch = {"image": images, "label": jnp.arange(4) % 10}
+
+    def step_and_its_convs():
+        step = jax.jit(train_state.train_step)
+        convs = step.lower(state, batch).as_text().count("ResnetJaxConv")
+        return step(state, batch), convs
+
+    on_onednn, onednn_convs = step_and_its_convs()
+    monkeypatch.setattr(onednn, "usable", lambda lhs, rhs: False)
+    jax.clear_caches()  # jit would otherwise reuse the trace with oneDNN's convs
+    on_xla, xla_convs = step_and_its_convs()
+
+    assert (onednn_convs, xla_convs) == (19 * 3 - 1, 0)  # the stem takes no input gradient
+
+    chex.assert_trees_all_close(on_onednn, on_xla, rtol=1e-4, atol=1e-5)
