@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
 
 import resnet_jax  # noqa: E402,F401  (sets the per-backend XLA defaults before JAX starts)
 from resnet_jax import data, models, onednn, optim, parallel, train_state  # noqa: E402
@@ -421,6 +422,82 @@ def _normalize_only(images, rng=None):
 # The report
 
 
+CONV_LAYERS = ((32, 64), (16, 128), (8, 256), (4, 512))  # resnet18-cifar's 3x3 convs: (size, ch)
+CONV_PASSES = ("forward", "input_grad", "kernel_grad")
+
+
+def conv_layers(batch_size: int, windows: int, quick: bool) -> list[dict[str, Any]]:
+    """GFLOP/s of one 3x3 stride-1 conv per resnet18-cifar stage, forward, input gradient and
+    kernel gradient: XLA's conv, the oneDNN conv resnet_jax uses, and torch's (channels-last)."""
+    rows = []
+    for size, channels in ((8, 8),) if quick else CONV_LAYERS:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch_size, size, size, channels), np.float32)
+        w = rng.standard_normal((3, 3, channels, channels), np.float32) * 0.05
+        sides = {"xla": _jax_conv_passes(x, w, "xla")}
+        if onednn.available():
+            sides["onednn"] = _jax_conv_passes(x, w, "onednn")
+        sides["torch"] = _torch_conv_passes(x, w)
+        flops = 2.0 * batch_size * size * size * channels * channels * 9
+        for kind in CONV_PASSES:
+            times = alternate({side: passes[kind] for side, passes in sides.items()}, windows, 2)
+            rows.append(
+                {"layer": f"{size}x{size}x{channels}", "pass": kind}
+                | {f"{side}_gflop_s": flops / times[side] / 1e9 for side in sides}
+            )
+    return rows
+
+
+def _timed(fn: Callable[[], Any]) -> Callable[[int], float]:
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            out = fn()
+        jax.block_until_ready(out)  # torch's outputs are ready already
+        return (time.perf_counter() - start) / n
+
+    run(1)
+    return run
+
+
+def _jax_conv_passes(x: np.ndarray, w: np.ndarray, kind: str) -> dict[str, Callable]:
+    pad = ((1, 1), (1, 1))
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    dy = jnp.ones_like(x)
+
+    def conv(x, w):
+        if kind == "onednn":
+            return onednn.conv(x, w, (1, 1), pad)
+        return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=models._NHWC)
+
+    forward = jax.jit(conv)
+    input_grad = jax.jit(lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
+    kernel_grad = jax.jit(lambda x, w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+    return {
+        "forward": _timed(lambda: forward(x, w)),
+        "input_grad": _timed(lambda: input_grad(x, w)),
+        "kernel_grad": _timed(lambda: kernel_grad(x, w)),
+    }
+
+
+def _torch_conv_passes(x: np.ndarray, w: np.ndarray) -> dict[str, Callable]:
+    import torch
+
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # NHWC memory: channels-last
+    tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+    dy = torch.ones_like(tx)
+
+    def backward(mask: list[bool]):
+        args = (dy, tx, tw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        return _timed(lambda: torch.ops.aten.convolution_backward(*args))
+
+    return {
+        "forward": _timed(lambda: torch.nn.functional.conv2d(tx, tw, padding=1)),
+        "input_grad": backward([True, False, False]),
+        "kernel_grad": backward([False, True, False]),
+    }
+
+
 def machine() -> dict[str, str]:
     model = platform.processor() or "unknown"
     try:
@@ -548,6 +625,15 @@ def print_report(result: dict[str, Any]) -> None:
             f"{1000 * p['pipeline_s']:.0f} ms/step ({100 * p['overhead']:+.1f}%; "
             f"budget 3%: {'OK' if p['overhead'] < 0.03 else 'OVER'})"
         )
+    layers = result.get("conv_layers")
+    if layers:
+        sides = [k.removesuffix("_gflop_s") for k in layers[0] if k.endswith("_gflop_s")]
+        print("\nSingle 3x3 convs, stride 1, GFLOP/s (batch x size x size x channels):")
+        print("| layer | pass | " + " | ".join(sides) + " |")
+        print("|---|---|" + "---|" * len(sides))
+        for r in layers:
+            values = " | ".join(f"{r[f'{k}_gflop_s']:.0f}" for k in sides)
+            print(f"| {r['layer']} | {r['pass']} | {values} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -564,6 +650,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no_subprocess", action="store_true", help="skip compile/warm-start/memory subprocesses"
     )
     p.add_argument("--no_pipeline", action="store_true", help="skip the input-pipeline check")
+    p.add_argument(
+        "--layers", action="store_true", help="also time single 3x3 convs: XLA, oneDNN, torch"
+    )
     p.add_argument("--gemm_size", type=int, default=2048)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -602,6 +691,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"... input pipeline ({name})", file=sys.stderr, flush=True)
         check = pipeline_check(name, args.batch_size, args.windows, args.steps)
         result["pipeline"] = {"model": name, "batch_size": args.batch_size, **check}
+    if args.layers:
+        print("... single conv layers", file=sys.stderr, flush=True)
+        result["conv_layers"] = conv_layers(args.batch_size, args.windows, args.quick)
     print_report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
