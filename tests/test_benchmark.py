@@ -16,7 +16,15 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
 def test_quick_benchmark_runs(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(BENCHMARK), "--quick", "--no_subprocess", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCHMARK),
+        "--quick",
+        "--no_subprocess",
+        "--layers",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train ratio" in proc.stdout and "Input pipeline" in proc.stdout
@@ -27,3 +35,10 @@ def test_quick_benchmark_runs(tmp_path):
         assert row[key] > 0
     assert result["gemm_gflop_s"]["jax"] > 0
     assert result["pipeline"]["pipeline_s"] > 0
+    (forward, input_grad, kernel_grad) = result["conv_layers"]
+    assert [r["pass"] for r in (forward, input_grad, kernel_grad)] == [
+        "forward",
+        "input_grad",
+        "kernel_grad",
+    ]
+    assert all(r["xla_gflop_s"] > 0 and r["torch_gflop_s"] > 0 for r in result["conv_layers"])
