@@ -29,6 +29,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import xla_setup
+
 DISABLE_ENV = "RESNET_JAX_ONEDNN"
 SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
 _TARGETS = {
@@ -95,7 +97,7 @@ def build_library() -> Path:
 @functools.cache
 def available() -> bool:
     """True when oneDNN convs can run here: enabled, Linux x86-64, the shim built and registered."""
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if xla_setup.switched_off(DISABLE_ENV):
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build_library()))

@@ -56,6 +56,12 @@ def jaxlib_version() -> tuple[int, ...]:
         return (0,)
 
 
+def switched_off(variable: str, environ: MutableMapping[str, str] | None = None) -> bool:
+    """True when the environment variable says off (0, false, no, off); unset means on."""
+    environ = os.environ if environ is None else environ
+    return environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def flag_names(xla_flags: str) -> set[str]:
     """The flag names (`--name` without a value) in an XLA_FLAGS string."""
     return {token.split("=", 1)[0] for token in xla_flags.split() if token.startswith("--")}
@@ -64,7 +70,7 @@ def flag_names(xla_flags: str) -> set[str]:
 def apply_defaults(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Append the defaults the user has not set to `XLA_FLAGS`; returns the flags it added."""
     environ = os.environ if environ is None else environ
-    if environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(DISABLE_ENV, environ):
         return []
     if jaxlib_version() < MIN_JAXLIB:
         return []

@@ -75,6 +75,17 @@ memory KernelAs(const memory::desc& wanted, const Geometry& g, void* data, dnnl:
   return reordered;
 }
 
+// A backward primitive (data or weights) for one shape, hinted by the forward one, cached.
+template <typename Primitive>
+auto CachedBackward(const Geometry& g, char kind) {
+  using Desc = typename Primitive::primitive_desc;
+  return Cached<std::pair<Desc, Primitive>>(g.Key(kind), [&] {
+    Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+              g.strides, g.pad_low, g.pad_high, ForwardDesc(g));
+    return std::make_pair(desc, Primitive(desc));
+  });
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
                    int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
@@ -98,12 +109,7 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                         int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
   Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), stride_h, stride_w,
                             pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
-  using Desc = dnnl::convolution_backward_data::primitive_desc;
-  auto cached = Cached<std::pair<Desc, dnnl::convolution_backward_data>>(g.Key('d'), [&] {
-    Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-              g.strides, g.pad_low, g.pad_high, ForwardDesc(g));
-    return std::make_pair(desc, dnnl::convolution_backward_data(desc));
-  });
+  auto cached = CachedBackward<dnnl::convolution_backward_data>(g, 'd');
   dnnl::stream stream(Engine());
   memory diff_dst(g.Dst(), Engine(), dy.typed_data()), diff_src(g.Src(), Engine(), dx->typed_data());
   memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
@@ -118,12 +124,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                            int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
   Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride_h, stride_w,
                             pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
-  using Desc = dnnl::convolution_backward_weights::primitive_desc;
-  auto cached = Cached<std::pair<Desc, dnnl::convolution_backward_weights>>(g.Key('w'), [&] {
-    Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-              g.strides, g.pad_low, g.pad_high, ForwardDesc(g));
-    return std::make_pair(desc, dnnl::convolution_backward_weights(desc));
-  });
+  auto cached = CachedBackward<dnnl::convolution_backward_weights>(g, 'w');
   dnnl::stream stream(Engine());
   memory src(g.Src(), Engine(), x.typed_data()), diff_dst(g.Dst(), Engine(), dy.typed_data());
   memory user(g.UserWeights(), Engine(), dw->typed_data());
