@@ -194,6 +194,17 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def _batch_statistics_only(primitive: Any, *_: Any, **__: Any) -> bool:
+    """The checkpoint policy of `BatchNorm`: keep the reductions, recompute everything else."""
+    return primitive.name in ("reduce_sum", "psum")
+
+
+# flax's BatchNorm, rematerialized but for its batch statistics. Plain autodiff saves the centered
+# activations for the backward pass, a full-size extra write per BN; recomputed inside the
+# backward fusions they cost nothing (train step 1.02-1.03x on resnet18/20/50, bit-identical).
+BatchNorm = nn.remat(nn.BatchNorm, policy=_batch_statistics_only)
+
+
 def shortcut(x: jax.Array, filters: int, strides: int, kind: str, conv: ModuleDef, norm: ModuleDef):
     """The identity path of a block, made to match the residual branch's shape when it changes.
 
@@ -292,7 +303,7 @@ class ResNet(nn.Module):
             kernel_init=conv_kernel_init,
         )  # fmt: skip
         norm_for = functools.partial(
-            nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+            BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
             param_dtype=self.param_dtype, axis_name=self.axis_name,
         )  # fmt: skip
 
