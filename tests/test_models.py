@@ -380,3 +380,21 @@ def test_with_onednn_every_3x3_conv_runs_on_it_and_nothing_is_materialized(train
     assert custom_vjp_calls(models.get_model("resnet20", 10, **TINY), train) == {"onednn": 19}
     bfloat16 = models.get_model("resnet20", 10, dtype=jnp.bfloat16, **TINY)
     assert custom_vjp_calls(bfloat16, train)["onednn"] == 0  # bf16 stays with XLA
+
+
+def test_batchnorm_saves_only_its_input_and_statistics_for_the_backward_pass():
+    # The centered activations are recomputed in the backward pass, not saved: one full-size
+    # residual (the input) where flax's BatchNorm under plain autodiff keeps two.
+    x = jax.random.normal(jax.random.key(0, impl="rbg"), (8, 4, 4, 16))
+
+    def full_size_residuals(cls) -> int:
+        bn = cls(use_running_average=False)
+        variables = bn.init(jax.random.key(1), x)
+
+        def normalize(params, x):
+            return bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])[0]
+
+        _, backward = jax.vjp(normalize, variables["params"], x)
+        return sum(leaf.shape == x.shape for leaf in jax.tree.leaves(backward))
+
+    assert (full_size_residuals(models.BatchNorm), full_size_residuals(nn.BatchNorm)) == (1, 2)
