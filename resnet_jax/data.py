@@ -11,7 +11,9 @@ TensorFlow is imported only inside `load`, for tfds, so importing this module do
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import logging
 import os
@@ -260,7 +262,7 @@ def _load_tfds(
             "version or config goes as 'name/config:1.2.3'), or an image folder as "
             f"'{FOLDER_PREFIX}/path/to/folder'."
         ) from error
-    features = builder.info.features
+    features = builder.info.features  # as the code declares them; label names may come later
     if "image" not in features or "label" not in features:
         raise DataError(
             f"{name} is not an image-classification dataset (it has no 'image' and 'label' "
@@ -272,7 +274,13 @@ def _load_tfds(
             "to resize them all to one size."
         )
     if not builder.is_prepared():
-        _download_and_prepare(builder, verify_checksums)
+        _fail_if_offline(builder)
+        with _preparation_lock(Path(builder.data_dir_root), builder.name):
+            # Made anew: another run may have prepared the dataset while this one waited, and a
+            # builder made before that would not know the prepared split names.
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                _download_and_prepare(builder, verify_checksums)
     # Split names are known only once the dataset is prepared.
     if "train" not in builder.info.splits or "test" not in builder.info.splits:
         raise DataError(
@@ -285,26 +293,58 @@ def _load_tfds(
         for ours, theirs in split_names.items()
         if theirs in builder.info.splits
     }
-    return splits, list(features["label"].names)
+    return splits, list(builder.info.features["label"].names)  # cifar10 reads them at preparation
+
+
+@contextlib.contextmanager
+def _preparation_lock(data_dir_root: Path, name: str) -> Iterator[None]:
+    """Hold an flock on `data_dir_root/.name.lock`, so that runs started together (a sweep)
+    prepare a dataset once, one after the other, instead of each reading a half-written one."""
+    try:
+        data_dir_root.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir_root / f".{name}.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as error:
+        raise DataError(
+            f"Cannot prepare {name} in the data directory {data_dir_root}: "
+            f"{error.strerror or error}. Pass a data_dir that can be written to (config "
+            "dataset.data_dir), or prepare the dataset there once from an account that can."
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+def _manual_dir(builder: Any) -> Path:
+    return Path(builder.data_dir_root) / "downloads" / "manual"
+
+
+def _needed_downloads(builder: Any) -> dict[str, str]:
+    """URL -> file name of what tfds would download; a file of that name in the manual directory
+    replaces it."""
+    return {
+        url: info.filename or url.rsplit("/", 1)[-1]
+        for url, info in (builder.url_infos or {}).items()
+        if not (info.filename and (_manual_dir(builder) / info.filename).exists())
+    }
+
+
+def _fail_if_offline(builder: Any) -> None:
+    """A DataError at once, before anything is written, if a needed download cannot be reached."""
+    needed = _needed_downloads(builder)
+    if needed and not _reachable(next(iter(needed))):
+        reason = "no network, or the server did not answer"
+        raise DataError(
+            _cannot_download_message(builder.name, reason, needed, _manual_dir(builder))
+        )
 
 
 def _download_and_prepare(builder: Any, verify_checksums: bool) -> None:
-    """Prepares the dataset from the manual directory or the network; offline fails at once."""
+    """Prepares the dataset from the manual directory or the network."""
     import requests
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
-    manual_dir = Path(builder.data_dir_root) / "downloads" / "manual"
-    # URL -> file name of what tfds would download; a file of that name in manual_dir replaces it.
-    needed = {
-        url: info.filename or url.rsplit("/", 1)[-1]
-        for url, info in (builder.url_infos or {}).items()
-        if not (info.filename and (manual_dir / info.filename).exists())
-    }
-    if needed and not _reachable(next(iter(needed))):
-        reason = "no network, or the server did not answer"
-        raise DataError(_cannot_download_message(builder.name, reason, needed, manual_dir))
-
+    manual_dir = _manual_dir(builder)
     _tensorflow()  # before tfds imports it, so TF starts quiet and off the accelerator
     if not verify_checksums:
         _trust_manual_archives(builder, manual_dir)
@@ -321,7 +361,7 @@ def _download_and_prepare(builder: Any, verify_checksums: bool) -> None:
     except (requests.RequestException, tfds.download.DownloadError) as error:
         reason = " ".join(str(error).split())
         raise DataError(
-            _cannot_download_message(builder.name, reason, needed, manual_dir)
+            _cannot_download_message(builder.name, reason, _needed_downloads(builder), manual_dir)
         ) from error
 
 

@@ -1,5 +1,7 @@
 """Tests for dataset loading (tfds offline, image folders) and the batch iterators."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,7 @@ import requests
 from PIL import Image
 
 from resnet_jax import data
+from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, subprocess_env
 from tests.fake_cifar import ARCHIVE_NAME, CIFAR10_CLASS_NAMES, prepare_fake_cifar10
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -76,6 +79,31 @@ def test_a_prepared_dataset_needs_no_archive(tmp_path, no_network):
     assert again.image_shape == (16, 16, 3)
     assert len(again.train) == 40 and len(again.val) == 10  # 0.2 of each class's 5 examples
     assert sorted(again.val.labels) == sorted(set(written.train_labels))
+
+
+def test_runs_started_together_prepare_the_dataset_once(tmp_path):
+    # A sweep starts its runs at once on one data_dir: none may read a half-prepared dataset.
+    prepare_fake_cifar10(tmp_path, n_train_per_batch=4, n_test=6)
+    load = (
+        "import sys; from resnet_jax import data; "
+        "d = data.load('cifar10', sys.argv[1], verify_checksums=False); "
+        "print(len(d.train), len(d.test), d.class_names[0])"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", load, str(tmp_path)],
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        assert run.returncode == 0, stderr[-3000:]
+        assert stdout.split()[-3:] == ["20", "6", "airplane"]  # after what tfds prints
 
 
 def test_missing_archive_offline_says_where_to_put_it(tmp_path, no_network):
