@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import threading
 
 import chex
 import jax
@@ -86,3 +87,28 @@ def test_a_train_step_on_onednn_equals_the_one_on_xla(monkeypatch):
     assert (onednn_convs, xla_convs) == (19 * 3 - 1, 0)  # the stem takes no input gradient
 
     chex.assert_trees_all_close(on_onednn, on_xla, rtol=1e-4, atol=1e-5)
+
+
+def test_one_conv_run_from_several_threads_at_once_gives_the_same_gradients():
+    # XLA runs convs from any of its threads, two at once at times: each execution needs its own
+    # scratchpad (oneDNN's default one belongs to the thread that built the primitive).
+    if not onednn.available():
+        pytest.skip("oneDNN convolutions are not available here")
+    x = jax.random.normal(jax.random.key(0, impl="rbg"), (32, 16, 16, 64))
+    kernel = 0.05 * jax.random.normal(jax.random.key(1, impl="rbg"), (3, 3, 64, 64))
+    padding = ((1, 1), (1, 1))
+    grads = jax.jit(jax.grad(lambda x, k: jnp.sum(onednn.conv(x, k, (1, 1), padding) ** 2), (0, 1)))
+    expected = jax.device_get(grads(x, kernel))  # builds the primitives on this thread
+    mismatches = []
+
+    def run_repeatedly():
+        for _ in range(20):
+            got = jax.device_get(grads(x, kernel))
+            mismatches.extend(a for a, b in zip(got, expected, strict=True) if not (a == b).all())
+
+    threads = [threading.Thread(target=run_repeatedly) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches

@@ -3,13 +3,17 @@
 // Activations are NHWC and kernels HWIO, as in resnet_jax.models; oneDNN reads and writes the
 // activations in place and reorders only the (small) kernels to its preferred blocked layout.
 // Each handler is one primitive: the forward conv, the input gradient and the kernel gradient.
-// Primitives are built once per shape and kept for the life of the process.
+// Primitives are built once per shape and kept for the life of the process. XLA runs them from
+// any of its threads, two at once at times, so each execution gets its scratchpad from the
+// calling thread: oneDNN's own (library) scratchpad belongs to the thread that built the
+// primitive and is not safe to share.
 
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -50,9 +54,23 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                   {pad_h_lo, pad_w_lo},           {pad_h_hi, pad_w_hi}};
 }
 
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
-  return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-          g.Src(), g.AnyWeights(), g.Dst(), g.strides, g.pad_low, g.pad_high};
+  return {Engine(),  dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+          g.Src(),   g.AnyWeights(), g.Dst(), g.strides, g.pad_low, g.pad_high,
+          UserScratchpad()};
+}
+
+// The scratchpad a primitive asks for, in this thread's buffer (grown as needed, then reused).
+memory Scratchpad(const memory::desc& desc) {
+  thread_local std::vector<char> buffer;
+  if (buffer.size() < desc.get_size()) buffer.resize(desc.get_size());
+  return memory(desc, Engine(), buffer.data());
 }
 
 // A primitive and its descriptor for one shape, built on first use and kept.
@@ -81,7 +99,7 @@ auto CachedBackward(const Geometry& g, char kind) {
   using Desc = typename Primitive::primitive_desc;
   return Cached<std::pair<Desc, Primitive>>(g.Key(kind), [&] {
     Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-              g.strides, g.pad_low, g.pad_high, ForwardDesc(g));
+              g.strides, g.pad_low, g.pad_high, ForwardDesc(g), UserScratchpad());
     return std::make_pair(desc, Primitive(desc));
   });
 }
@@ -99,7 +117,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   dnnl::stream stream(Engine());
   memory src(g.Src(), Engine(), x.typed_data()), dst(g.Dst(), Engine(), y->typed_data());
   memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
-  cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst}});
+  cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst},
+                                  {DNNL_ARG_SCRATCHPAD, Scratchpad(cached->first.scratchpad_desc())}});
   stream.wait();
   return ffi::Error::Success();
 }
@@ -114,7 +133,8 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   memory diff_dst(g.Dst(), Engine(), dy.typed_data()), diff_src(g.Src(), Engine(), dx->typed_data());
   memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
   cached->second.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, kernel},
-                                  {DNNL_ARG_DIFF_SRC, diff_src}});
+                                  {DNNL_ARG_DIFF_SRC, diff_src},
+                                  {DNNL_ARG_SCRATCHPAD, Scratchpad(cached->first.scratchpad_desc())}});
   stream.wait();
   return ffi::Error::Success();
 }
@@ -131,7 +151,8 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   const memory::desc& wanted = cached->first.diff_weights_desc();
   memory diff_weights = wanted == user.get_desc() ? user : memory(wanted, Engine());
   cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                  {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
+                                  {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
+                                  {DNNL_ARG_SCRATCHPAD, Scratchpad(cached->first.scratchpad_desc())}});
   if (diff_weights != user) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
   stream.wait();
   return ffi::Error::Success();
