@@ -66,11 +66,15 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
           UserScratchpad()};
 }
 
-// The scratchpad a primitive asks for, in this thread's buffer (grown as needed, then reused).
+// The scratchpad a primitive asks for, in this thread's buffer (grown as needed, then reused),
+// page-aligned as oneDNN aligns its own.
 memory Scratchpad(const memory::desc& desc) {
+  constexpr size_t kAlign = 4096;
   thread_local std::vector<char> buffer;
-  if (buffer.size() < desc.get_size()) buffer.resize(desc.get_size());
-  return memory(desc, Engine(), buffer.data());
+  size_t size = desc.get_size(), space = size + kAlign;
+  if (buffer.size() < space) buffer.resize(space);
+  void* start = buffer.data();
+  return memory(desc, Engine(), std::align(kAlign, size, start, space));
 }
 
 // A primitive and its descriptor for one shape, built on first use and kept.
