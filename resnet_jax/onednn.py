@@ -112,11 +112,12 @@ def available() -> bool:
 def usable(lhs: jax.Array, rhs: jax.Array) -> bool:
     """Whether `conv` applies to these operands in the computation being traced.
 
-    float32 on a single CPU device only: under a multi-device sharding XLA cannot partition a
-    custom call, and bf16 stays with XLA.
+    float32 or bfloat16 (both operands alike) on a single CPU device only: under a
+    multi-device sharding XLA cannot partition a custom call.
     """
     return (
-        lhs.dtype == rhs.dtype == jnp.float32
+        lhs.dtype == rhs.dtype
+        and lhs.dtype in (jnp.float32, jnp.bfloat16)
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
         and available()
@@ -140,7 +141,8 @@ def conv(
     strides: tuple[int, int],
     padding: tuple[tuple[int, int], tuple[int, int]],
 ) -> jax.Array:
-    """An NHWC x HWIO -> NHWC float32 conv with explicit (low, high) padding, run by oneDNN."""
+    """An NHWC x HWIO -> NHWC conv (float32 or bfloat16) with explicit (low, high) padding, run
+    by oneDNN."""
     (n, h, w, _), (kh, kw, _, features) = x.shape, kernel.shape
     (pt, pb), (pl, pr) = padding
     out_h, out_w = (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1

@@ -1,4 +1,4 @@
-// 2-D float32 convolutions through oneDNN, as XLA FFI handlers for the CPU backend.
+// 2-D float32 and bfloat16 convolutions through oneDNN, as XLA FFI handlers for the CPU backend.
 //
 // Activations are NHWC and kernels HWIO, as in resnet_jax.models; oneDNN reads and writes the
 // activations in place and reorders only the (small) kernels to its preferred blocked layout.
@@ -21,7 +21,6 @@
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using Tag = memory::format_tag;
-constexpr memory::data_type kF32 = memory::data_type::f32;
 
 namespace {
 
@@ -31,27 +30,43 @@ dnnl::engine& Engine() {
 }
 
 // oneDNN's logical dims (NCHW, OIHW) of one conv, whatever the physical layout.
+// One element type for all three tensors of a conv: float32 or bfloat16.
 struct Geometry {
   memory::dims src, weights, dst, strides, pad_low, pad_high;
+  memory::data_type type;
 
   std::string Key(char kind) const {
     std::string key(1, kind);
+    key += std::to_string(static_cast<int>(type));
     for (const memory::dims* dims : {&src, &weights, &dst, &strides, &pad_low, &pad_high})
       for (memory::dim d : *dims) key += "," + std::to_string(d);
     return key;
   }
-  memory::desc Src() const { return {src, kF32, Tag::nhwc}; }
-  memory::desc Dst() const { return {dst, kF32, Tag::nhwc}; }
-  memory::desc AnyWeights() const { return {weights, kF32, Tag::any}; }
-  memory::desc UserWeights() const { return {weights, kF32, Tag::hwio}; }
+  memory::desc Src() const { return {src, type, Tag::nhwc}; }
+  memory::desc Dst() const { return {dst, type, Tag::nhwc}; }
+  memory::desc AnyWeights() const { return {weights, type, Tag::any}; }
+  memory::desc UserWeights() const { return {weights, type, Tag::hwio}; }
 };
 
-Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                      ffi::Span<const int64_t> y, int64_t stride_h, int64_t stride_w,
-                      int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
-  return Geometry{{x[0], x[3], x[1], x[2]},       {w[3], w[2], w[0], w[1]},
-                  {y[0], y[3], y[1], y[2]},       {stride_h, stride_w},
-                  {pad_h_lo, pad_w_lo},           {pad_h_hi, pad_w_hi}};
+Geometry MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
+                      int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
+                      int64_t pad_w_lo, int64_t pad_w_hi) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
+  auto type = x.element_type() == ffi::DataType::BF16 ? memory::data_type::bf16
+                                                      : memory::data_type::f32;
+  return Geometry{{xd[0], xd[3], xd[1], xd[2]}, {wd[3], wd[2], wd[0], wd[1]},
+                  {yd[0], yd[3], yd[1], yd[2]}, {stride_h, stride_w},
+                  {pad_h_lo, pad_w_lo},         {pad_h_hi, pad_w_hi},
+                  type};
+}
+
+// The Python side (resnet_jax.onednn) calls these with three tensors of one supported type.
+ffi::Error CheckTypes(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const ffi::AnyBuffer& c) {
+  ffi::DataType type = a.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) ||
+      b.element_type() != type || c.element_type() != type)
+    return ffi::Error::InvalidArgument("oneDNN conv: operands must all be float32 or bfloat16");
+  return ffi::Error::Success();
 }
 
 dnnl::primitive_attr UserScratchpad() {
@@ -108,34 +123,35 @@ auto CachedBackward(const Geometry& g, char kind) {
   });
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
-                   int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
-  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride_h, stride_w,
-                            pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
+                   int64_t pad_w_lo, int64_t pad_w_hi) {
+  if (ffi::Error error = CheckTypes(x, w, *y); error.failure()) return error;
+  Geometry g = MakeGeometry(x, w, *y, stride_h, stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
   using Desc = dnnl::convolution_forward::primitive_desc;
   auto cached = Cached<std::pair<Desc, dnnl::convolution_forward>>(g.Key('f'), [&] {
     Desc desc = ForwardDesc(g);
     return std::make_pair(desc, dnnl::convolution_forward(desc));
   });
   dnnl::stream stream(Engine());
-  memory src(g.Src(), Engine(), x.typed_data()), dst(g.Dst(), Engine(), y->typed_data());
-  memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
+  memory src(g.Src(), Engine(), x.untyped_data()), dst(g.Dst(), Engine(), y->untyped_data());
+  memory kernel = KernelAs(cached->first.weights_desc(), g, w.untyped_data(), stream);
   cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst},
                                   {DNNL_ARG_SCRATCHPAD, Scratchpad(cached->first.scratchpad_desc())}});
   stream.wait();
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h, int64_t stride_w,
-                        int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
-  Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), stride_h, stride_w,
-                            pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                        int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
+                        int64_t pad_w_lo, int64_t pad_w_hi) {
+  if (ffi::Error error = CheckTypes(dy, w, *dx); error.failure()) return error;
+  Geometry g = MakeGeometry(*dx, w, dy, stride_h, stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
   auto cached = CachedBackward<dnnl::convolution_backward_data>(g, 'd');
   dnnl::stream stream(Engine());
-  memory diff_dst(g.Dst(), Engine(), dy.typed_data()), diff_src(g.Src(), Engine(), dx->typed_data());
-  memory kernel = KernelAs(cached->first.weights_desc(), g, w.typed_data(), stream);
+  memory diff_dst(g.Dst(), Engine(), dy.untyped_data());
+  memory diff_src(g.Src(), Engine(), dx->untyped_data());
+  memory kernel = KernelAs(cached->first.weights_desc(), g, w.untyped_data(), stream);
   cached->second.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, kernel},
                                   {DNNL_ARG_DIFF_SRC, diff_src},
                                   {DNNL_ARG_SCRATCHPAD, Scratchpad(cached->first.scratchpad_desc())}});
@@ -143,15 +159,15 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h, int64_t stride_w,
-                           int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
-  Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride_h, stride_w,
-                            pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                           int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
+                           int64_t pad_w_lo, int64_t pad_w_hi) {
+  if (ffi::Error error = CheckTypes(x, dy, *dw); error.failure()) return error;
+  Geometry g = MakeGeometry(x, *dw, dy, stride_h, stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
   auto cached = CachedBackward<dnnl::convolution_backward_weights>(g, 'w');
   dnnl::stream stream(Engine());
-  memory src(g.Src(), Engine(), x.typed_data()), diff_dst(g.Dst(), Engine(), dy.typed_data());
-  memory user(g.UserWeights(), Engine(), dw->typed_data());
+  memory src(g.Src(), Engine(), x.untyped_data()), diff_dst(g.Dst(), Engine(), dy.untyped_data());
+  memory user(g.UserWeights(), Engine(), dw->untyped_data());
   const memory::desc& wanted = cached->first.diff_weights_desc();
   memory diff_weights = wanted == user.get_desc() ? user : memory(wanted, Engine());
   cached->second.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
@@ -165,9 +181,9 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 // Two NHWC/HWIO operands, one result, and the conv's strides and explicit padding.
 auto Binding() {
   return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
       .Attr<int64_t>("stride_h")
       .Attr<int64_t>("stride_w")
       .Attr<int64_t>("pad_h_lo")
