@@ -6,9 +6,13 @@
 // Primitives are built once per shape and kept for the life of the process. XLA runs them from
 // any of its threads, two at once at times, so each execution gets its scratchpad from the
 // calling thread: oneDNN's own (library) scratchpad belongs to the thread that built the
-// primitive and is not safe to share.
+// primitive and is not safe to share. Each primitive is built and run with one OpenMP thread
+// count for the whole process, whatever the calling thread's own setting (see FixedThreads).
+
+#include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -28,6 +32,33 @@ dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
 }
+
+// OpenMP threads per conv: OMP_NUM_THREADS if set, else every processor this process may use.
+int Threads() {
+  static const int threads = [] {
+    const char* env = std::getenv("OMP_NUM_THREADS");
+    int count = env ? std::atoi(env) : 0;
+    return count > 0 ? count : omp_get_num_procs();
+  }();
+  return threads;
+}
+
+// oneDNN splits a conv by the calling thread's OpenMP thread count when it builds the primitive,
+// and the kernel gradient's sums with it: a thread on which a library (torch.set_num_threads)
+// called omp_set_num_threads would build a primitive with other rounding. So every handler runs
+// with Threads(), and the caller's own setting is restored afterwards.
+class FixedThreads {
+ public:
+  FixedThreads() : saved_(omp_get_max_threads()) {
+    if (saved_ != Threads()) omp_set_num_threads(Threads());
+  }
+  ~FixedThreads() {
+    if (saved_ != Threads()) omp_set_num_threads(saved_);
+  }
+
+ private:
+  int saved_;
+};
 
 // oneDNN's logical dims (NCHW, OIHW) of one conv, whatever the physical layout.
 // One element type for all three tensors of a conv: float32 or bfloat16.
@@ -127,6 +158,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffe
                    int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
                    int64_t pad_w_lo, int64_t pad_w_hi) {
   if (ffi::Error error = CheckTypes(x, w, *y); error.failure()) return error;
+  FixedThreads threads;
   Geometry g = MakeGeometry(x, w, *y, stride_h, stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
   using Desc = dnnl::convolution_forward::primitive_desc;
   auto cached = Cached<std::pair<Desc, dnnl::convolution_forward>>(g.Key('f'), [&] {
@@ -146,6 +178,7 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::An
                         int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
                         int64_t pad_w_lo, int64_t pad_w_hi) {
   if (ffi::Error error = CheckTypes(dy, w, *dx); error.failure()) return error;
+  FixedThreads threads;
   Geometry g = MakeGeometry(*dx, w, dy, stride_h, stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
   auto cached = CachedBackward<dnnl::convolution_backward_data>(g, 'd');
   dnnl::stream stream(Engine());
@@ -163,6 +196,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
                            int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
                            int64_t pad_w_lo, int64_t pad_w_hi) {
   if (ffi::Error error = CheckTypes(x, dy, *dw); error.failure()) return error;
+  FixedThreads threads;
   Geometry g = MakeGeometry(x, *dw, dy, stride_h, stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi);
   auto cached = CachedBackward<dnnl::convolution_backward_weights>(g, 'w');
   dnnl::stream stream(Engine());
