@@ -422,27 +422,35 @@ def _normalize_only(images, rng=None):
 # The report
 
 
-CONV_LAYERS = ((32, 64), (16, 128), (8, 256), (4, 512))  # resnet18-cifar's 3x3 convs: (size, ch)
+# resnet18-cifar's 3x3 convs, (input size, in channels, out channels, stride): one stride-1 conv
+# per stage, then the strided first conv of stages 2-4.
+CONV_LAYERS = (
+    (32, 64, 64, 1), (16, 128, 128, 1), (8, 256, 256, 1), (4, 512, 512, 1),
+    (32, 64, 128, 2), (16, 128, 256, 2), (8, 256, 512, 2),
+)  # fmt: skip
+QUICK_CONV_LAYERS = ((8, 8, 8, 1), (8, 8, 8, 2))
 CONV_PASSES = ("forward", "input_grad", "kernel_grad")
 
 
 def conv_layers(batch_size: int, windows: int, quick: bool) -> list[dict[str, Any]]:
-    """GFLOP/s of one 3x3 stride-1 conv per resnet18-cifar stage, forward, input gradient and
-    kernel gradient: XLA's conv, the oneDNN conv resnet_jax uses, and torch's (channels-last)."""
+    """GFLOP/s of resnet18-cifar's 3x3 convs (`CONV_LAYERS`), forward, input gradient and kernel
+    gradient: XLA's conv, the oneDNN conv resnet_jax uses, and torch's (channels-last)."""
     rows = []
-    for size, channels in ((8, 8),) if quick else CONV_LAYERS:
+    for size, c_in, c_out, stride in QUICK_CONV_LAYERS if quick else CONV_LAYERS:
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((batch_size, size, size, channels), np.float32)
-        w = rng.standard_normal((3, 3, channels, channels), np.float32) * 0.05
-        sides = {"xla": _jax_conv_passes(x, w, "xla")}
+        x = rng.standard_normal((batch_size, size, size, c_in), np.float32)
+        w = rng.standard_normal((3, 3, c_in, c_out), np.float32) * 0.05
+        sides = {"xla": _jax_conv_passes(x, w, stride, "xla")}
         if onednn.available():
-            sides["onednn"] = _jax_conv_passes(x, w, "onednn")
-        sides["torch"] = _torch_conv_passes(x, w)
-        flops = 2.0 * batch_size * size * size * channels * channels * 9
+            sides["onednn"] = _jax_conv_passes(x, w, stride, "onednn")
+        sides["torch"] = _torch_conv_passes(x, w, stride)
+        out = (size - 1) // stride + 1  # padding 1
+        flops = 2.0 * batch_size * out * out * c_in * c_out * 9
+        layer = f"{size}x{size}x{c_in}" + (f", stride {stride} to {c_out}" if stride > 1 else "")
         for kind in CONV_PASSES:
             times = alternate({side: passes[kind] for side, passes in sides.items()}, windows, 2)
             rows.append(
-                {"layer": f"{size}x{size}x{channels}", "pass": kind}
+                {"layer": layer, "pass": kind}
                 | {f"{side}_gflop_s": flops / times[side] / 1e9 for side in sides}
             )
     return rows
@@ -460,15 +468,16 @@ def _timed(fn: Callable[[], Any]) -> Callable[[int], float]:
     return run
 
 
-def _jax_conv_passes(x: np.ndarray, w: np.ndarray, kind: str) -> dict[str, Callable]:
-    pad = ((1, 1), (1, 1))
+def _jax_conv_passes(x: np.ndarray, w: np.ndarray, stride: int, kind: str) -> dict[str, Callable]:
+    pad, strides = ((1, 1), (1, 1)), (stride, stride)
     x, w = jnp.asarray(x), jnp.asarray(w)
-    dy = jnp.ones_like(x)
 
     def conv(x, w):
         if kind == "onednn":
-            return onednn.conv(x, w, (1, 1), pad)
-        return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=models._NHWC)
+            return onednn.conv(x, w, strides, pad)
+        return lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=models._NHWC)
+
+    dy = jnp.ones(jax.eval_shape(conv, x, w).shape, x.dtype)
 
     forward = jax.jit(conv)
     input_grad = jax.jit(lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
@@ -480,19 +489,19 @@ def _jax_conv_passes(x: np.ndarray, w: np.ndarray, kind: str) -> dict[str, Calla
     }
 
 
-def _torch_conv_passes(x: np.ndarray, w: np.ndarray) -> dict[str, Callable]:
+def _torch_conv_passes(x: np.ndarray, w: np.ndarray, stride: int) -> dict[str, Callable]:
     import torch
 
     tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # NHWC memory: channels-last
     tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
-    dy = torch.ones_like(tx)
+    dy = torch.ones_like(torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1))
 
     def backward(mask: list[bool]):
-        args = (dy, tx, tw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        args = (dy, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
         return _timed(lambda: torch.ops.aten.convolution_backward(*args))
 
     return {
-        "forward": _timed(lambda: torch.nn.functional.conv2d(tx, tw, padding=1)),
+        "forward": _timed(lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1)),
         "input_grad": backward([True, False, False]),
         "kernel_grad": backward([False, True, False]),
     }
@@ -628,7 +637,7 @@ def print_report(result: dict[str, Any]) -> None:
     layers = result.get("conv_layers")
     if layers:
         sides = [k.removesuffix("_gflop_s") for k in layers[0] if k.endswith("_gflop_s")]
-        print("\nSingle 3x3 convs, stride 1, GFLOP/s (batch x size x size x channels):")
+        print("\nSingle 3x3 convs, GFLOP/s (batch x size x size x channels):")
         print("| layer | pass | " + " | ".join(sides) + " |")
         print("|---|---|" + "---|" * len(sides))
         for r in layers:
@@ -651,7 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no_pipeline", action="store_true", help="skip the input-pipeline check")
     p.add_argument(
-        "--layers", action="store_true", help="also time single 3x3 convs: XLA, oneDNN, torch"
+        "--layers",
+        action="store_true",
+        help="also time resnet18-cifar's 3x3 convs one by one: XLA, oneDNN, torch",
     )
     p.add_argument("--gemm_size", type=int, default=2048)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
