@@ -352,6 +352,28 @@ def test_max_pool_equals_flax_with_gradients_routed_to_the_first_maximum():
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_max_pool_sums_a_bfloat16_gradient_in_float32_and_rounds_once():
+    # A spike at an odd pixel is the maximum of the four 3x3/2 windows that overlap there, so it
+    # gets four gradients; summed in bf16 they would be rounded three times.
+    args = ((3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = 0.1 * jax.random.normal(jax.random.key(4, impl="rbg"), (2, 7, 7, 16))
+    for row, col in ((1, 1), (1, 5), (5, 1), (5, 5)):
+        x = x.at[:, row, col, :].set(10.0)
+    dy = jax.random.normal(jax.random.key(5, impl="rbg"), (2, 4, 4, 16))
+
+    def input_grad(x, dy):
+        return jax.vjp(lambda x: models.max_pool(x, *args), x)[1](dy)[0]
+
+    got = input_grad(x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16))
+    want = input_grad(
+        x.astype(jnp.bfloat16).astype(jnp.float32), dy.astype(jnp.bfloat16).astype(jnp.float32)
+    )
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32)
+    )
+
+
 def custom_vjp_calls(model: models.ResNet, train: bool) -> collections.Counter:
     """The model's custom-VJP calls by kind: oneDNN convs (`onednn`) and `materialized` inputs."""
     variables = tiny_variables("resnet20", **TINY)
