@@ -7,6 +7,7 @@ keys because compiling threefry's random bits for every parameter shape costs se
 
 import collections
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -337,6 +338,25 @@ def test_conv_hook_equals_lax_conv_with_gradients(
                                    jax.tree.leaves((want, want_grads)), strict=True):  # fmt: skip
         got_leaf, want_leaf = np.asarray(got_leaf, np.float32), np.asarray(want_leaf, np.float32)
         assert np.max(np.abs(got_leaf - want_leaf)) <= 0.03 * np.max(np.abs(want_leaf))
+
+
+def test_a_bfloat16_1x1_conv_gets_its_kernel_gradient_from_a_dot_in_the_kernels_layout():
+    # Rounded to bf16 between the dot and the float32 parameter, the gradient used to come out of
+    # XLA:CPU's dot transposed (out x in) and be copied back in a slow strided loop.
+    x = jax.random.normal(jax.random.key(1, impl="rbg"), (8, 4, 4, 64), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(2, impl="rbg"), (1, 1, 64, 128))
+    numbers = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(kernel):
+        kernel = kernel.astype(jnp.bfloat16)
+        y = models.conv_general_dilated(
+            x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=numbers
+        )
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    hlo = jax.jit(jax.grad(loss)).lower(kernel).compile().as_text()
+    dot_shapes = re.findall(r"= f32\[(\d+,\d+)\]\S* dot\(", hlo)
+    assert "64,128" in dot_shapes and "128,64" not in dot_shapes, dot_shapes
 
 
 def test_max_pool_equals_flax_with_gradients_routed_to_the_first_maximum():
