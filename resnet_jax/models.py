@@ -141,9 +141,8 @@ def conv_general_dilated(
     # Accumulated in float32 and rounded once to the operands' type. Asked for explicitly, a bf16
     # dot's kernel gradient comes out HWIO on XLA:CPU instead of transposed and copied back in a
     # strided loop (resnet50's bf16 step 1.10x). float32 is unchanged.
-    y = jnp.dot(
-        patches.reshape(-1, taps), kernel, precision=precision, preferred_element_type=jnp.float32
-    )
+    wide = jnp.promote_types(lhs.dtype, jnp.float32)
+    y = jnp.dot(patches.reshape(-1, taps), kernel, precision=precision, preferred_element_type=wide)
     return y.astype(lhs.dtype).reshape(lhs.shape[0], out_h, out_w, features)
 
 
@@ -184,10 +183,10 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
     # Overlapping windows add up to 4 gradients per pixel: summed in float32 and rounded once (a
     # bf16 sum is rounded after every add, and XLA:CPU spends a convert pair on each: resnet50's
     # bf16 step 1.09x faster this way).
-    dy32 = dy.astype(jnp.float32)
+    dy32 = dy.astype(jnp.promote_types(dy.dtype, jnp.float32))
     taken = jnp.zeros(y.shape, bool)
-    dxp = jnp.zeros(xp.shape, jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
+    dxp = jnp.zeros(xp.shape, dy32.dtype)
+    zero = jnp.zeros((), dy32.dtype)
     for i, j, tap in _pool_taps(xp, window, strides, (oh, ow)):
         hit = (tap == y) & ~taken
         taken = taken | hit
