@@ -183,10 +183,10 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
     # Overlapping windows add up to 4 gradients per pixel: summed in float32 and rounded once (a
     # bf16 sum is rounded after every add, and XLA:CPU spends a convert pair on each: resnet50's
     # bf16 step 1.09x faster this way).
-    dy32 = dy.astype(jnp.promote_types(dy.dtype, jnp.float32))
+    dy_wide = dy.astype(jnp.promote_types(dy.dtype, jnp.float32))
     taken = jnp.zeros(y.shape, bool)
-    dxp = jnp.zeros(xp.shape, dy32.dtype)
-    zero = jnp.zeros((), dy32.dtype)
+    dxp = jnp.zeros(xp.shape, dy_wide.dtype)
+    zero = jnp.zeros((), dy_wide.dtype)
     for i, j, tap in _pool_taps(xp, window, strides, (oh, ow)):
         hit = (tap == y) & ~taken
         taken = taken | hit
@@ -196,7 +196,7 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
             (j, xp.shape[2] - j - sw * (ow - 1) - 1, sw - 1),
             (0, 0, 0),
         ]
-        dxp = dxp + lax.pad(jnp.where(hit, dy32, zero), zero, config)
+        dxp = dxp + lax.pad(jnp.where(hit, dy_wide, zero), zero, config)
     return (dxp[:, pt : pt + x.shape[1], pl : pl + x.shape[2]].astype(dy.dtype),)
 
 
