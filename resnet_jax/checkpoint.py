@@ -34,8 +34,11 @@ def _best_metric(metrics: dict[str, float]) -> float:
     return metrics[BEST_METRIC]
 
 
-def _as_abstract(metadata: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype)
+def _on_one_device(metadata: Any) -> jax.ShapeDtypeStruct:
+    # An explicit device: without one orbax restores onto the device layout the checkpoint was
+    # saved from, which fails ("topology mismatch") when that had more devices than this process.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype, sharding=device)
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:
@@ -240,25 +243,27 @@ class Checkpoints:
         return restored.state
 
     def _readable(self, step: int) -> bool:
-        """Whether `step`'s arrays read back in the layout they were saved in, and its metadata."""
+        """Whether `step`'s arrays read back as saved (onto one device), and its metadata."""
         try:
-            self._restore_saved_layout(step)
+            self._restore_as_saved(step)
             self.meta(step)
             return True
         except Exception:
             return False
 
-    def _restore_saved_layout(self, step: int) -> dict[str, Any]:
+    def _restore_as_saved(self, step: int) -> dict[str, Any]:
+        """`step`'s arrays with the structure, shapes and dtypes they were saved with, on this
+        process's first device, whatever device count saved them."""
         saved = self._manager.item_metadata(step).state
-        return self._restore_state(step, jax.tree.map(_as_abstract, dict(saved)))
+        return self._restore_state(step, jax.tree.map(_on_one_device, dict(saved)))
 
     def _damaged(self, step: int, what: str, error: Exception) -> CheckpointError:
         reason = f"its {what} cannot be read back ({_reason(error)})"
         return CheckpointError(
             f"The checkpoint at step {step} in {self.directory} is damaged: {reason}. Use an "
             f"earlier checkpoint (ls {self.directory} lists them; pass --checkpoint "
-            f"{self.directory}/STEP), or rerun training with the same command, which sets a "
-            "damaged checkpoint aside and resumes from the one before.",
+            f"{self.directory}/STEP). If the run is unfinished, rerunning its training command "
+            "sets the damaged checkpoint aside and resumes from the one before.",
             reason,
         )
 
@@ -288,7 +293,7 @@ class Checkpoints:
         into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
         _quiet_abandoned_reads()
         try:
-            state = self._restore_saved_layout(step)
+            state = self._restore_as_saved(step)
         except Exception as error:
             raise self._damaged(step, "arrays", error) from None
         return {

@@ -8,7 +8,8 @@ what it writes with a single-device run in the test process (`train_single`).
       trains in jit and pmap mode over every device from one seed -> OUT/modes.npz
   parallel_worker.py checkpoint OUT --restore CKPT
       restores CKPT (saved on another device count) onto a mesh of every device
-      -> OUT/restored.npz, then saves it from there to OUT/ckpt_<device count>
+      -> OUT/restored.npz, then saves it from there to OUT/ckpt_<device count>, and as a
+      training run's checkpoint to OUT/checkpoints_<device count>
   parallel_worker.py multihost OUT --coordinator_address=localhost:PORT --num_processes=2
           --process_id=I
       one process of a multi-process run: trains in jit then in pmap mode, feeding only its own
@@ -34,7 +35,7 @@ import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resnet_jax import models, parallel, train_state
+from resnet_jax import checkpoint, models, parallel, train_state
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (16, 16, 3)
@@ -178,6 +179,9 @@ def run_checkpoint(out: Path, restore_from: Path) -> None:
     }
     np.savez(out / "restored.npz", **results)
     save(out / f"ckpt_{jax.device_count()}", p.place_state(restored))
+    checkpoints = checkpoint.Checkpoints(out / f"checkpoints_{jax.device_count()}")
+    checkpoints.save(p.host_state(p.place_state(restored)), meta={"epoch": 1})
+    checkpoints.close()
 
 
 def run_multihost(out: Path, args: argparse.Namespace) -> None:

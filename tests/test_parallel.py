@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from resnet_jax import parallel
+from resnet_jax import checkpoint, parallel
 from tests import parallel_worker as pw
 
 ATOL = 1e-5
@@ -95,3 +96,30 @@ def test_checkpoint_restores_onto_other_device_counts(tmp_path):
     assert all(x.sharding == p.replicated for x in jax.tree.leaves(back))
     assert int(back.step) == 7
     assert_trees_close(ref, "params", pw.flatten("params", back.params), "params", atol=0)
+
+
+def test_a_run_checkpoint_from_more_devices_evaluates_and_is_kept_when_it_does_not_fit(tmp_path):
+    state = pw.make_state()
+    state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1, state.params))
+    pw.save(tmp_path / "ckpt_1", state)
+    pw.run_workers(
+        [["checkpoint", str(tmp_path), "--restore", str(tmp_path / "ckpt_1")]],
+        num_devices=2,
+        log_dir=tmp_path,
+    )
+    directory = tmp_path / "checkpoints_2"
+    checkpoints = checkpoint.Checkpoints(directory)
+    # Evaluation and prediction read the variables alone, onto this process's one device.
+    variables = checkpoints.restore_variables(7)
+    ref = pw.flatten("params", state.params)
+    assert_trees_close(ref, "params", pw.flatten("params", variables["params"]), "params", atol=0)
+    # An intact checkpoint that does not fit the state (another optimizer) is an error of the
+    # config, not damage: it stays where it is.
+    adam = state.replace(tx=optax.adam(1e-3), opt_state=optax.adam(1e-3).init(state.params))
+    p = parallel.Parallel("jit", jax.devices()[:1])
+    with pytest.raises((ValueError, KeyError)) as raised:
+        checkpoints.restore(7, p.restore_target(adam))
+    assert not isinstance(raised.value, checkpoint.CheckpointError)
+    assert checkpoints.all_steps() == [7]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+    checkpoints.close()
