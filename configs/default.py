@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 128  # global batch: over all devices and hosts
     config.eval_batch_size = 512  # global batch for evaluation (no gradients, so it can be larger)
     config.num_epochs = 200  # an epoch = train examples // batch_size steps
-    config.num_steps = 0  # > 0: train this many steps instead; the last epoch is cut short
+    config.num_steps = 0  # > 0: train this many steps instead, the last epoch cut short (a
+    # --config.num_epochs on the command line sets it back to 0)
     config.seed = 0  # initialization, augmentation and data order
     config.parallel = "jit"  # "jit" (shard the batch over a device mesh) or "pmap"
     config.half_precision = False  # bfloat16 compute (params and loss stay float32)

@@ -843,8 +843,8 @@ def restore(checkpoints: checkpoint.Checkpoints, step: int, target: Any) -> ts.T
         raise ConfigError(
             f"The checkpoint at step {step} in {checkpoints.directory} does not fit the state "
             f"this config builds ({reason}). Settings that shape the optimizer state "
-            "(optimizer.momentum 0 or not, weight_decay 0 or not, grad_clip_norm, model.freeze) "
-            "must match the run's config.json; or use a new --workdir."
+            "(optimizer.name, optimizer.momentum 0 or not, weight_decay 0 or not, grad_clip_norm, "
+            "model.freeze) must match the run's config.json; or use a new --workdir."
         ) from None
 
 
@@ -976,8 +976,17 @@ def main(argv: list[str]) -> int:
         parallel.initialize_distributed(
             flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
         )
+    config = flags.FLAGS.config
+    given = config_flags.get_override_values(flags.FLAGS["config"])
+    if "num_epochs" in given and "num_steps" not in given and config.num_steps:
+        # The config file's num_steps would win over num_epochs: the command line says otherwise.
+        logging.info(
+            "--config.num_epochs=%d replaces the config file's num_steps=%d.",
+            config.num_epochs, config.num_steps,
+        )  # fmt: skip
+        config.num_steps = 0
     try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        train_and_evaluate(config, flags.FLAGS.workdir)
     except Interrupted as stopped:
         logging.warning("%s Checkpoint saved; rerun the same command to resume.", stopped)
         return 128 + stopped.signum

@@ -228,6 +228,24 @@ def assert_explained(code: int, stderr: str, *fragments: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "num_steps"),
+    [
+        ([], 64_000),  # configs/resnet20.py counts He et al.'s iterations
+        (["--config.num_epochs=3"], 0),  # the command line's epochs win over the file's steps
+        (["--config.num_epochs=3", "--config.num_steps=50"], 50),
+    ],
+)
+def test_num_epochs_given_on_the_command_line_replaces_the_files_num_steps(
+    train_cli, monkeypatch, tmp_path, args, num_steps
+):
+    seen = {}
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config, _: seen.update(config=config))
+    code, stderr = train_cli("--config=configs/resnet20.py", f"--workdir={tmp_path}", *args)
+    assert code == 0, stderr
+    assert seen["config"].num_steps == num_steps
+
+
+@pytest.mark.parametrize(
     ("override", "fragments"),
     [
         ("--config.optimizer.learning_rate=-0.1", ["optimizer.learning_rate = -0.1 must be > 0"]),
