@@ -167,6 +167,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def run_cli(study: Study) -> None:
     """The script entry point: `app.run` with the study's flags."""
+    from resnet_jax import config_utils
+
+    config_utils.quiet_library_info()
     app.run(lambda argv: _run_or_exit(study, argv), flags_parser=parse_flags)
 
 

@@ -240,7 +240,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
 
-    logging.get_absl_handler().addFilter(_only_our_info)
+    quiet_library_info()
 
     def main_explaining_errors(args: list[str]) -> int | None:
         try:
@@ -252,6 +252,11 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
 
     app.run(main_explaining_errors, argv=argv, flags_parser=_parse_flags_explaining_errors)
     raise AssertionError("app.run returns only by exiting")
+
+
+def quiet_library_info() -> None:
+    """Keep libraries' routine INFO lines (orbax, tfds) out of a command's log."""
+    logging.get_absl_handler().addFilter(_only_our_info)
 
 
 def _only_our_info(record: pylogging.LogRecord) -> bool:

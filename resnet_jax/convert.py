@@ -24,7 +24,7 @@ import safetensors.numpy
 from absl import app, flags
 from flax import traverse_util
 
-from resnet_jax import models
+from resnet_jax import config_utils, models
 
 ARCHS: tuple[str, ...] = tuple(models.IMAGENET_FAMILY)
 # torchvision's IMAGENET1K_V1 weights (the original recipe; V2 exists for resnet50/101/152).
@@ -284,8 +284,8 @@ def _check_fits(
         )
     elif guess is not None:
         verdict = (
-            f"It looks like {guess} ({layout}): convert it with arch={guess!r} (--arch {guess}) "
-            f"or pass a {arch} checkpoint"
+            f"It looks like {guess} ({layout}): convert it with arch={guess!r} (--arch {guess}; "
+            f"when training, --config.model.name={guess}) or pass a {arch} checkpoint"
         )
     else:
         verdict = (
@@ -380,4 +380,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
+    config_utils.quiet_library_info()
     app.run(main)

@@ -356,7 +356,8 @@ def _download_and_prepare(builder: Any, verify_checksums: bool) -> None:
             f"A file for {builder.name} does not match the size and sha256 that tfds "
             f"records for it ({' '.join(str(error).split())}), so it is incomplete, damaged or "
             f"re-packed. If it is the file you put in {manual_dir}, download it again from the "
-            "URL above, or pass verify_checksums=False to use a re-packed archive as it is."
+            "URL above, or pass verify_checksums=False (--config.dataset.verify_checksums=False) "
+            "to use a re-packed archive as it is."
         ) from error
     except (requests.RequestException, tfds.download.DownloadError) as error:
         reason = " ".join(str(error).split())

@@ -309,6 +309,7 @@ def test_cli_writes_a_checkpoint_that_loads_like_the_file(tmp_path):
     result = run_cli("--arch", "resnet18", "--input", str(path), "--output", str(output))
 
     assert result.returncode == 0, result.stderr
+    assert "orbax" not in result.stderr  # its routine INFO lines stay out of the output
     metadata = json.loads((output / "metadata.json").read_text())
     assert metadata == {"arch": "resnet18", "num_classes": 1000, "source": str(path)}
     direct = convert.torchvision_to_flax(path, "resnet18")
