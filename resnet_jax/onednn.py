@@ -1,11 +1,13 @@
-"""2-D convolutions through oneDNN on the CPU backend, as XLA FFI custom calls.
+"""2-D convolutions through oneDNN on the CPU backend, as XLA FFI custom calls, and BatchNorm's
+per-channel sums from the same shim.
 
 XLA:CPU runs convolutions with Eigen, which on ResNet's 3x3 convs reaches 0.7-0.8x the speed of
 oneDNN (the library PyTorch uses) forward and 0.4-0.75x for the kernel gradient, whose input XLA
 first copies channels-major. `conv` calls oneDNN instead, on NHWC activations in place, with a
 custom VJP whose input and kernel gradients are oneDNN's own backward primitives.
+`channel_sums` gives BatchNorm its sums in one pass over the activations.
 
-The small C++ shim (`csrc/onednn_conv.cc`) is compiled on first use with the system's C++ compiler
+The small C++ shim (`csrc/cpu_kernels.cc`) is compiled on first use with the system's C++ compiler
 against the `onednn-cpu-gomp` wheel and cached in `~/.cache/resnet_jax/onednn` (or
 `$RESNET_JAX_CACHE`). When that is not possible (no compiler, no oneDNN wheel, not Linux x86-64)
 `available()` is False, one warning says why, and the models use XLA's convolutions: the results
@@ -32,11 +34,12 @@ import jax.numpy as jnp
 from resnet_jax import xla_setup
 
 DISABLE_ENV = "RESNET_JAX_ONEDNN"
-SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
 _TARGETS = {
     "forward": "ResnetJaxConvForward",
     "backward_data": "ResnetJaxConvBackwardData",
     "backward_weights": "ResnetJaxConvBackwardWeights",
+    "channel_sums": "ResnetJaxChannelSums",
 }
 
 log = logging.getLogger(__name__)
@@ -82,9 +85,9 @@ def build_library() -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     command = [
-        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE), "-o", partial,
-        f"-I{header.parents[2]}", f"-I{ffi_include}", f"-L{library.parent}", "-l:libdnnl.so.3",
-        f"-Wl,-rpath,{library.parent}",
+        compiler, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w", str(SOURCE),
+        "-o", partial, f"-I{header.parents[2]}", f"-I{ffi_include}", f"-L{library.parent}",
+        "-l:libdnnl.so.3", f"-Wl,-rpath,{library.parent}",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -96,13 +99,13 @@ def build_library() -> Path:
 
 @functools.cache
 def available() -> bool:
-    """True when oneDNN convs can run here: enabled, Linux x86-64, the shim built and registered."""
+    """True when the shim's kernels can run here: enabled, Linux x86-64, built and registered."""
     if xla_setup.switched_off(DISABLE_ENV):
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build_library()))
     except (BuildError, OSError) as error:
-        log.warning("oneDNN convolutions are off, XLA's are used instead: %s", error)
+        log.warning("The oneDNN shim is off, XLA's convs and sums are used instead: %s", error)
         return False
     for name in _TARGETS.values():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
@@ -110,7 +113,7 @@ def available() -> bool:
 
 
 def usable(lhs: jax.Array, rhs: jax.Array) -> bool:
-    """Whether `conv` applies to these operands in the computation being traced.
+    """Whether `conv` (or `channel_sums`) applies to these operands in the computation being traced.
 
     float32 or bfloat16 (both operands alike) on a single CPU device only: under a
     multi-device sharding XLA cannot partition a custom call.
@@ -161,3 +164,10 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (last axis) sum(a) and sum(a * b) of two alike tensors, in float32, in one pass
+    that reads bfloat16 as it is. Not differentiable: `models.batch_norm` has its own VJP."""
+    sums = jax.ShapeDtypeStruct((a.shape[-1],), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["channel_sums"], (sums, sums), vmap_method="sequential")(a, b)

@@ -56,8 +56,8 @@ def test_a_failed_build_falls_back_to_xla_with_one_warning(fresh_availability, m
         assert not onednn.available()
 
     assert [r.getMessage() for r in caplog.records] == [
-        "oneDNN convolutions are off, XLA's are used instead: no C++ compiler (g++) on PATH; "
-        "install g++ or set CXX"
+        "The oneDNN shim is off, XLA's convs and sums are used instead: no C++ compiler (g++) on "
+        "PATH; install g++ or set CXX"
     ]
 
 
@@ -79,19 +79,40 @@ def test_a_train_step_on_onednn_equals_the_one_on_xla(monkeypatch):
     images = jax.random.normal(jax.random.key(2, impl="rbg"), (4, 16, 16, 3))
     batch = {"image": images, "label": jnp.arange(4) % 10}
 
-    def step_and_its_convs():
+    def step_and_its_calls():
         step = jax.jit(train_state.train_step)
-        convs = step.lower(state, batch).as_text().count("ResnetJaxConv")
-        return step(state, batch), convs
+        text = step.lower(state, batch).as_text()
+        return step(state, batch), text.count("ResnetJaxConv"), text.count("ResnetJaxChannelSums")
 
-    on_onednn, onednn_convs = step_and_its_convs()
+    on_onednn, *onednn_calls = step_and_its_calls()
     monkeypatch.setattr(onednn, "usable", lambda lhs, rhs: False)
     jax.clear_caches()  # jit would otherwise reuse the trace with oneDNN's convs
-    on_xla, xla_convs = step_and_its_convs()
+    on_xla, *xla_calls = step_and_its_calls()
 
-    assert (onednn_convs, xla_convs) == (19 * 3 - 1, 0)  # the stem takes no input gradient
+    # The stem conv takes no input gradient; each of the 19 BNs sums once forward, once backward.
+    assert (onednn_calls, xla_calls) == ([19 * 3 - 1, 19 * 2], [0, 0])
 
     chex.assert_trees_all_close(on_onednn, on_xla, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 300, 64), (4, 4, 4, 512)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channel_sums_are_the_exact_sums_rounded_to_float32(shape, dtype):
+    # Row counts that are no multiple of the kernel's 128-row blocks nor of its threads.
+    if not onednn.available():
+        pytest.skip("the shim is not available here")
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(1.0, 2.0, shape), dtype)
+    b = jnp.asarray(rng.normal(-0.5, 1.0, shape), dtype)
+
+    sums = jax.jit(onednn.channel_sums)(a, b)
+
+    a64, b64 = (np.asarray(v, np.float64).reshape(-1, shape[-1]) for v in (a, b))
+    for got, terms in zip(sums, (a64, a64 * b64), strict=True):
+        assert got.dtype == jnp.float32
+        # Within a few float32 roundings of the sum of magnitudes (the exact sum can cancel).
+        tolerance = 4 * np.finfo(np.float32).eps * np.abs(terms).sum(0)
+        np.testing.assert_array_less(np.abs(np.asarray(got) - terms.sum(0)), tolerance)
 
 
 def test_one_conv_run_from_several_threads_at_once_gives_the_same_gradients():

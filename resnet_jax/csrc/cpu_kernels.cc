@@ -1,16 +1,21 @@
-// 2-D float32 and bfloat16 convolutions through oneDNN, as XLA FFI handlers for the CPU backend.
+// CPU kernels as XLA FFI handlers: 2-D float32 and bfloat16 convolutions through oneDNN, and the
+// per-channel sums of BatchNorm.
 //
-// Activations are NHWC and kernels HWIO, as in resnet_jax.models; oneDNN reads and writes the
-// activations in place and reorders only the (small) kernels to its preferred blocked layout.
-// Each handler is one primitive: the forward conv, the input gradient and the kernel gradient.
-// Primitives are built once per shape and kept for the life of the process. XLA runs them from
-// any of its threads, two at once at times, so each execution gets its scratchpad from the
-// calling thread: oneDNN's own (library) scratchpad belongs to the thread that built the
+// Convolutions: activations are NHWC and kernels HWIO, as in resnet_jax.models; oneDNN reads and
+// writes the activations in place and reorders only the (small) kernels to its preferred blocked
+// layout. Each handler is one primitive: the forward conv, the input gradient and the kernel
+// gradient. Primitives are built once per shape and kept for the life of the process. XLA runs
+// them from any of its threads, two at once at times, so each execution gets its scratchpad from
+// the calling thread: oneDNN's own (library) scratchpad belongs to the thread that built the
 // primitive and is not safe to share. Each primitive is built and run with one OpenMP thread
 // count for the whole process, whatever the calling thread's own setting (see FixedThreads).
+//
+// Channel sums: sum(a) and sum(a * b) per channel of two [..., C] tensors in one pass, reading
+// bfloat16 as it is (XLA:CPU writes a whole float32 copy of a bfloat16 tensor before reducing it).
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -212,6 +217,82 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
   return ffi::Error::Success();
 }
 
+// bfloat16 is the high half of a float32.
+float Widen(float value) { return value; }
+float Widen(uint16_t value) { return __builtin_bit_cast(float, uint32_t{value} << 16); }
+
+// Adds sum(a) and sum(a * b) over `rows` rows of `channels` values into the two sums.
+template <typename T>
+[[gnu::always_inline]] inline void AddRows(const T* a, const T* b, int64_t rows, int64_t channels,
+                                           float* sum_a, float* sum_ab) {
+  for (int64_t r = 0; r < rows; ++r, a += channels, b += channels) {
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      float x = Widen(a[c]);
+      sum_a[c] += x;
+      sum_ab[c] += x * Widen(b[c]);
+    }
+  }
+}
+
+// Vectorized for the CPU it runs on: the library is built without -march.
+[[gnu::target_clones("avx512f", "avx2", "default")]] void AddRowsF32(
+    const float* a, const float* b, int64_t rows, int64_t channels, float* sum_a, float* sum_ab) {
+  AddRows(a, b, rows, channels, sum_a, sum_ab);
+}
+[[gnu::target_clones("avx512f", "avx2", "default")]] void AddRowsBF16(
+    const uint16_t* a, const uint16_t* b, int64_t rows, int64_t channels, float* sum_a,
+    float* sum_ab) {
+  AddRows(a, b, rows, channels, sum_a, sum_ab);
+}
+
+// Per-channel sum(a) and sum(a * b) of two alike [..., C] tensors, as float32. Each thread takes
+// a contiguous share of the rows; blocks of rows sum in float32, the blocks add up in double, so
+// the result does not depend on the tensor's size and is the same from run to run.
+ffi::Error ChannelSums(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> sum_a,
+                       ffi::Result<ffi::Buffer<ffi::F32>> sum_ab) {
+  ffi::DataType type = a.element_type();
+  const int64_t channels = sum_a->element_count();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || b.element_type() != type ||
+      a.element_count() != b.element_count() || a.element_count() % channels != 0)
+    return ffi::Error::InvalidArgument(
+        "channel sums: operands must be alike float32 or bfloat16 tensors of [..., channels]");
+  constexpr int64_t kBlockRows = 128;
+  const int64_t rows = a.element_count() / channels;
+  const int threads = Threads();
+  std::vector<double> totals(2 * channels * threads, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    std::vector<float> block(2 * channels);
+    double* total = totals.data() + 2 * channels * thread;
+    for (int64_t r = rows * thread / team, end = rows * (thread + 1) / team; r < end;
+         r += kBlockRows) {
+      std::fill(block.begin(), block.end(), 0.0f);
+      const int64_t count = std::min(kBlockRows, end - r), offset = r * channels;
+      if (type == ffi::DataType::F32)
+        AddRowsF32(static_cast<const float*>(a.untyped_data()) + offset,
+                   static_cast<const float*>(b.untyped_data()) + offset, count, channels,
+                   block.data(), block.data() + channels);
+      else
+        AddRowsBF16(static_cast<const uint16_t*>(a.untyped_data()) + offset,
+                    static_cast<const uint16_t*>(b.untyped_data()) + offset, count, channels,
+                    block.data(), block.data() + channels);
+      for (int64_t c = 0; c < 2 * channels; ++c) total[c] += block[c];
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    double first = 0.0, second = 0.0;
+    for (int thread = 0; thread < threads; ++thread) {
+      first += totals[2 * channels * thread + c];
+      second += totals[2 * channels * thread + channels + c];
+    }
+    sum_a->typed_data()[c] = static_cast<float>(first);
+    sum_ab->typed_data()[c] = static_cast<float>(second);
+  }
+  return ffi::Error::Success();
+}
+
 // Two NHWC/HWIO operands, one result, and the conv's strides and explicit padding.
 auto Binding() {
   return ffi::Ffi::Bind()
@@ -231,3 +312,9 @@ auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvForward, Forward, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardData, BackwardData, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardWeights, BackwardWeights, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxChannelSums, ChannelSums,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
