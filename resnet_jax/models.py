@@ -225,32 +225,45 @@ def _over_devices(sums: tuple[jax.Array, jax.Array], count: int, axis_name: str 
     return lax.psum(sums, axis_name), count * lax.psum(1, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: str | None
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    axis_name: str | None,
+    relu: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch norm over every axis but the last: (y, batch mean, batch variance).
 
     The numbers of flax's BatchNorm: float32 (or wider) statistics E[x] and E[x^2] - E[x]^2 over
     the batch of every device of `axis_name`, y = (x - mean) * rsqrt(var + epsilon) * scale + bias
-    in x's dtype. Its VJP keeps x as the one full-size residual and takes its sums from
-    `channel_sums` as the forward pass does.
+    in x's dtype, followed by a ReLU if `relu`. Its VJP keeps x as the one full-size residual
+    (the ReLU's mask is recomputed from it) and takes its sums from `channel_sums` as the forward
+    pass does.
     """
-    return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+    return _batch_norm_fwd(x, scale, bias, epsilon, axis_name, relu)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
+def _normalize(x, scale, bias, mean, inv):
+    return (x - mean) * (inv * scale) + bias
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, axis_name, relu):
     sums, count = _over_devices(channel_sums(x, x), x.size // x.shape[-1], axis_name)
     mean = sums[0] / count
     var = jnp.maximum(0.0, sums[1] / count - mean * mean)
     inv = lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inv * scale) + bias
-    return (y.astype(x.dtype), mean, var), (x, scale, mean, inv)
+    y = _normalize(x, scale, bias, mean, inv)
+    y = jnp.maximum(y, 0.0) if relu else y
+    return (y.astype(x.dtype), mean, var), (x, scale, bias, mean, inv)
 
 
-def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
-    x, scale, mean, inv = residuals
+def _batch_norm_bwd(epsilon, axis_name, relu, residuals, cotangents):
+    x, scale, bias, mean, inv = residuals
     dy, dmean, dvar = cotangents
+    if relu:
+        dy = jnp.where(_normalize(x, scale, bias, mean, inv) > 0, dy, jnp.zeros_like(dy))
     local = channel_sums(dy, x)  # sum(dy), sum(dy * x): this device's share
     dbias, dscale = local[0], (local[1] - mean * local[0]) * inv  # dscale = sum(dy * xhat)
     (dy_sum, dy_x_sum), count = _over_devices(local, x.size // x.shape[-1], axis_name)
@@ -258,7 +271,7 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
     centered = x - mean
     dx = (scale * inv) * (dy - dy_sum / count - centered * (inv * dy_xhat_mean))
     dx = dx + dmean / count + (2.0 / count) * dvar * centered  # through the returned statistics
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -279,6 +292,7 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
     scale_init: Callable[..., jax.Array] = nn.initializers.ones
     bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+    relu: bool = False  # a ReLU after it, differentiated with it
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -293,10 +307,10 @@ class BatchNorm(nn.Module):
         x = x.astype(self.dtype)
         if use_running_average:
             y = (x - mean.value) * (lax.rsqrt(var.value + self.epsilon) * scale) + bias
-            return y.astype(self.dtype)
+            return (nn.relu(y) if self.relu else y).astype(self.dtype)
         initializing = self.is_initializing()  # no device axis yet, and no statistics to keep
         axis_name = None if initializing else self.axis_name
-        y, batch_mean, batch_var = batch_norm(x, scale, bias, self.epsilon, axis_name)
+        y, batch_mean, batch_var = batch_norm(x, scale, bias, self.epsilon, axis_name, self.relu)
         if not initializing:
             mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
             var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
@@ -334,7 +348,7 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.norm(relu=True, name="bn1")(y)
         y = self.conv(self.filters, (3, 3), 1, padding=((1, 1), (1, 1)), name="conv2")(y)
         y = self.norm(scale_init=last_scale_init, name="bn2")(y)
         if self.residual:
@@ -359,9 +373,9 @@ class Bottleneck(nn.Module):
         out_filters = self.filters * self.expansion
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.conv(self.filters, (1, 1), 1, padding=((0, 0), (0, 0)), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.norm(relu=True, name="bn1")(y)
         y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.norm(relu=True, name="bn2")(y)
         y = self.conv(out_filters, (1, 1), 1, padding=((0, 0), (0, 0)), name="conv3")(y)
         y = self.norm(scale_init=last_scale_init, name="bn3")(y)
         if self.residual:
@@ -419,11 +433,11 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv_at(0)(self.stem_width, (7, 7), 2, padding=((3, 3), (3, 3)), name="conv1")(x)
-            x = nn.relu(norm_at(0)(name="bn1")(x))
+            x = norm_at(0)(relu=True, name="bn1")(x)
             x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         else:
             x = conv_at(0)(self.stem_width, (3, 3), 1, padding=((1, 1), (1, 1)), name="conv1")(x)
-            x = nn.relu(norm_at(0)(name="bn1")(x))
+            x = norm_at(0)(relu=True, name="bn1")(x)
         x = self._freeze_boundary(x, 0)
         self.sow("intermediates", "stem", x)
 

@@ -436,15 +436,16 @@ def test_with_onednn_every_3x3_conv_runs_on_it_and_nothing_is_materialized(train
         )
 
 
-def _batch_norm_results(module, variables, x, weights, axis_name=None):
-    """A loss through `module` in training mode: (loss, new batch stats, d loss / d (params, x)),
-    over a leading device axis named `axis_name` when given (vmap stands in for pmap)."""
+def _batch_norm_results(module, variables, x, weights, axis_name=None, then=lambda y: y):
+    """A loss through `module` (and `then`) in training mode: (loss, new batch stats,
+    d loss / d (params, x)), over a leading device axis named `axis_name` when given (vmap stands
+    in for pmap)."""
 
     def loss(params, x):
         y, updates = module.apply(
             {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
         )
-        return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights), updates["batch_stats"]
+        return jnp.sum(jnp.sin(then(y).astype(jnp.float32)) * weights), updates["batch_stats"]
 
     grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     if axis_name is not None:
@@ -455,7 +456,8 @@ def _batch_norm_results(module, variables, x, weights, axis_name=None):
 
 @pytest.mark.parametrize("shim", [True, False], ids=["shim", "jnp"])
 @pytest.mark.parametrize("axis_name", [None, "devices"])
-def test_batchnorm_computes_what_flax_batchnorm_does(shim, axis_name, monkeypatch):
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
+def test_batchnorm_computes_what_flax_batchnorm_does(shim, axis_name, relu, monkeypatch):
     if shim and not onednn.available():
         pytest.skip("the shim is not available here")
     if not shim:
@@ -464,19 +466,20 @@ def test_batchnorm_computes_what_flax_batchnorm_does(shim, axis_name, monkeypatc
     x = 3.0 * jax.random.normal(jax.random.key(0, impl="rbg"), shape) + 1.0
     weights = jax.random.normal(jax.random.key(1, impl="rbg"), shape[-4:])
     flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
-    ours = models.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
+    ours = models.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name, relu=relu)
+    then = nn.relu if relu else lambda y: y  # after flax's, inside ours
     variables = flax_bn.init(jax.random.key(2), x.reshape(-1, *shape[-3:]))
     variables = jax.tree.map(  # not the identity: scales, shifts and statistics of their own
         lambda v: v + 0.5 * jax.random.uniform(jax.random.key(3), v.shape), variables
     )
-    expected = _batch_norm_results(flax_bn, variables, x, weights, axis_name)
+    expected = _batch_norm_results(flax_bn, variables, x, weights, axis_name, then)
     chex.assert_trees_all_close(
         _batch_norm_results(ours, variables, x, weights, axis_name), expected, rtol=2e-5, atol=2e-5
     )
     eval_x = x.reshape(-1, *shape[-3:])
     chex.assert_trees_all_close(
-        models.BatchNorm(use_running_average=True).apply(variables, eval_x),
-        nn.BatchNorm(use_running_average=True).apply(variables, eval_x),
+        models.BatchNorm(use_running_average=True, relu=relu).apply(variables, eval_x),
+        then(nn.BatchNorm(use_running_average=True).apply(variables, eval_x)),
         rtol=1e-6,
         atol=1e-6,
     )
