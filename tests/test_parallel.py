@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, parallel, train_state
 from tests import parallel_worker as pw
 
 ATOL = 1e-5
@@ -74,17 +74,23 @@ def test_jit_pmap_and_one_device_train_alike(tmp_path):
             np.testing.assert_array_equal(out[f"{mode}/{key}"], ref[f"single/{key}"], err_msg=key)
 
 
-def test_checkpoint_restores_onto_other_device_counts(tmp_path):
-    # Not a fresh state (restore must not just echo the target): shifted values, a later step.
+def saved_and_restored_on(num_devices: int, tmp_path) -> train_state.TrainState:
+    """A state saved here on one device, then restored by a worker onto its `num_devices`-device
+    mesh and saved from there (`parallel_worker.py checkpoint`). Not a fresh state (restore must
+    not just echo the target): shifted values, a later step."""
     state = pw.make_state()
     state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1, state.params))
     pw.save(tmp_path / "ckpt_1", state)
-    # 1 -> 4: the subprocess restores onto its 4-device mesh, then saves from there.
     pw.run_workers(
         [["checkpoint", str(tmp_path), "--restore", str(tmp_path / "ckpt_1")]],
-        num_devices=4,
+        num_devices=num_devices,
         log_dir=tmp_path,
     )
+    return state
+
+
+def test_checkpoint_restores_onto_other_device_counts(tmp_path):
+    state = saved_and_restored_on(4, tmp_path)  # 1 -> 4
     ref = pw.flatten("params", state.params)
     on_four = dict(np.load(tmp_path / "restored.npz"))
     assert on_four["num_devices"] == 4 and on_four["replicated"]
@@ -99,14 +105,7 @@ def test_checkpoint_restores_onto_other_device_counts(tmp_path):
 
 
 def test_a_run_checkpoint_from_more_devices_evaluates_and_is_kept_when_it_does_not_fit(tmp_path):
-    state = pw.make_state()
-    state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1, state.params))
-    pw.save(tmp_path / "ckpt_1", state)
-    pw.run_workers(
-        [["checkpoint", str(tmp_path), "--restore", str(tmp_path / "ckpt_1")]],
-        num_devices=2,
-        log_dir=tmp_path,
-    )
+    state = saved_and_restored_on(2, tmp_path)
     directory = tmp_path / "checkpoints_2"
     checkpoints = checkpoint.Checkpoints(directory)
     # Evaluation and prediction read the variables alone, onto this process's one device.
