@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -201,6 +201,17 @@ def frozen_stages(config: ml_collections.ConfigDict, num_stages: int) -> int:
             f'{num_stages}: set it to at most {num_stages!r}, or to "backbone".'
         )
     return int(freeze)
+
+
+def epochs_replace_steps(config: ml_collections.ConfigDict, given: Collection[str]) -> None:
+    """A num_epochs the user gave (one of the keys in `given`) replaces a num_steps set in the
+    config file, which would otherwise win (configs/resnet20.py sets 64k iterations)."""
+    if "num_epochs" in given and "num_steps" not in given and config.num_steps:
+        logging.info(
+            "num_epochs=%d given: it replaces the config file's num_steps=%d.",
+            config.num_epochs, config.num_steps,
+        )  # fmt: skip
+        config.num_steps = 0
 
 
 def ignored_options(

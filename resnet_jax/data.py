@@ -132,6 +132,8 @@ def load(
         path = Path(name.removeprefix(FOLDER_PREFIX)).expanduser()
         splits, class_names = _load_folder(path, image_size)
     else:
+        # A "~/..." from a flag is not expanded by the shell after "=", nor by tfds.
+        data_dir = str(Path(data_dir).expanduser()) if data_dir else data_dir
         splits, class_names = _load_tfds(name, data_dir, image_size, verify_checksums)
 
     train, val = splits["train"], splits.get("val")
@@ -456,8 +458,7 @@ def _load_folder(root: Path, image_size: int | None) -> tuple[dict[str, Split], 
     class_names = _class_dir_names(root / "train")
     if not class_names or not (root / "test").is_dir():
         raise DataError(
-            f"The image folder {root} needs train/ and test/ subfolders with one "
-            f"subfolder per class inside: {FOLDER_LAYOUT}."
+            f"The image folder {root} needs train/ and test/ subfolders: {FOLDER_LAYOUT}."
         )
     splits = {
         split: _read_folder_split(root / split, class_names, image_size)

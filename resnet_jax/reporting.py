@@ -4,9 +4,10 @@ results.
 Only the main process writes (`Reporter(enabled=False)` elsewhere does nothing). metrics.jsonl
 has one JSON object per line: `"record": "step"` every `log_every_steps` (train_loss,
 train_accuracy, learning_rate, images_per_second) and `"record": "epoch"` at each epoch's end
-(the epoch's train_* means and the evaluation split's val_* or test_* figures); both carry `step`
-and `epoch` (fractional for step records). TensorBoard's writer is its own numpy-only one, so
-TensorFlow is never started for logging.
+(the epoch's train_* means and the evaluation split's val_* or test_* figures, and
+`steps_per_epoch`); both carry `step` and `epoch` (fractional for step records, the epoch's
+number for epoch records: `epochs_done` gives where an epoch record falls). TensorBoard's
+writer is its own numpy-only one, so TensorFlow is never started for logging.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def read_results(workdir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def epochs_done(record: dict[str, Any]) -> float:
+    """How many epochs' worth of steps a metrics record comes after: a last epoch that num_steps
+    cuts short ends between whole numbers (ResNet-20's 64k steps are 182.3 epochs of 351)."""
+    if record.get("steps_per_epoch"):
+        return record["step"] / record["steps_per_epoch"]
+    return record["epoch"]
+
+
 def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Three panels against epoch: loss, accuracy (train and evaluation), learning rate."""
     epochs = [r for r in records if r.get("record") == "epoch"]
@@ -117,11 +126,11 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     for split in ("train", "val", "test"):
         points = [r for r in epochs if f"{split}_loss" in r]
         if points:
-            x = [r["epoch"] for r in points]
+            x = [epochs_done(r) for r in points]
             loss_ax.plot(x, [r[f"{split}_loss"] for r in points], marker=".", label=split)
             accuracy_ax.plot(x, [r[f"{split}_accuracy"] for r in points], marker=".", label=split)
     lr_points = steps or epochs
-    lr_ax.plot([r["epoch"] for r in lr_points], [r.get("learning_rate") for r in lr_points])
+    lr_ax.plot([epochs_done(r) for r in lr_points], [r.get("learning_rate") for r in lr_points])
     for ax, title in ((loss_ax, "loss"), (accuracy_ax, "accuracy"), (lr_ax, "learning rate")):
         ax.set_title(title)
         ax.set_xlabel("epoch")

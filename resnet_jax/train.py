@@ -71,7 +71,11 @@ class Interrupted(Exception):
 
 
 class DivergedError(ValueError):
-    """The training loss or the parameters became NaN or infinite."""
+    """The training loss or the parameters became NaN or infinite (in `epoch`, 1-based)."""
+
+    def __init__(self, message: str, epoch: int | None = None):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 # --- From a config to the objects of a run ---------------------------------------------------
@@ -704,7 +708,7 @@ def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
     except LossNotFinite as bad:
         run.checkpoints.wait()
         message = diverged_message(bad, run.config, run.checkpoints.latest_step(), plan)
-        raise DivergedError(message) from None
+        raise DivergedError(message, epoch=diverged_epoch(bad, plan)) from None
     finally:
         bar.close()
     return state
@@ -752,6 +756,7 @@ def end_epoch(
         "record": "epoch",
         "step": step,
         "epoch": epoch + 1,
+        "steps_per_epoch": run.plan.steps_per_epoch,  # the last epoch may be cut short
         **train_means,
         f"{split}_loss": evaluation["loss"],
         f"{split}_accuracy": evaluation["accuracy"],
@@ -880,6 +885,11 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
     }
 
 
+def diverged_epoch(bad: LossNotFinite, plan: Plan) -> int:
+    """The (1-based) epoch of the step at which training diverged."""
+    return (bad.step - 1) // plan.steps_per_epoch + 1
+
+
 def diverged_message(
     bad: LossNotFinite, config: ml_collections.ConfigDict, latest: int | None, plan: Plan
 ) -> str:
@@ -891,7 +901,7 @@ def diverged_message(
     )
     return (
         f"Training diverged: the {bad.what} became {bad.value} at step {bad.step} (epoch "
-        f"{(bad.step - 1) // plan.steps_per_epoch + 1}). {kept}, and no results.json was written. "
+        f"{diverged_epoch(bad, plan)}). {kept}, and no results.json was written. "
         f"Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g} per "
         f"{REFERENCE_BATCH_SIZE} images, a peak of {peak_learning_rate(config):g}), lengthen "
         "schedule.warmup_epochs, set optimizer.grad_clip_norm (e.g. 1.0) or turn off "
@@ -978,13 +988,7 @@ def main(argv: list[str]) -> int:
         )
     config = flags.FLAGS.config
     given = config_flags.get_override_values(flags.FLAGS["config"])
-    if "num_epochs" in given and "num_steps" not in given and config.num_steps:
-        # The config file's num_steps would win over num_epochs: the command line says otherwise.
-        logging.info(
-            "--config.num_epochs=%d replaces the config file's num_steps=%d.",
-            config.num_epochs, config.num_steps,
-        )  # fmt: skip
-        config.num_steps = 0
+    config_utils.epochs_replace_steps(config, given)
     try:
         train_and_evaluate(config, flags.FLAGS.workdir)
     except Interrupted as stopped:

@@ -116,6 +116,14 @@ def test_missing_archive_offline_says_where_to_put_it(tmp_path, no_network):
     assert list(tmp_path.iterdir()) == []  # it failed before tfds wrote anything
 
 
+def test_a_data_dir_under_home_is_expanded(tmp_path, no_network, monkeypatch):
+    # "--data_dir=~/data": no shell expands a "~" after "=".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar10", "~/data")
+    assert str(tmp_path / "data" / "downloads" / "manual" / ARCHIVE_NAME) in str(error.value)
+
+
 def test_checksum_of_a_repacked_archive_is_verified(tmp_path, no_network):
     prepare_fake_cifar10(tmp_path)
     with pytest.raises(data.DataError, match=r"sha256.*verify_checksums=False") as error:

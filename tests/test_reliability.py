@@ -318,7 +318,10 @@ def image_folder(root: Path, layout: dict[str, dict[str, int]]) -> Path:
 @pytest.mark.parametrize(
     ("problem", "fragments"),
     [
-        ("no_classes", ["needs train/ and test/ subfolders with one subfolder per class"]),
+        (
+            "no_classes",
+            ["needs train/ and test/ subfolders: path/train/<class>/", "one subfolder per class"],
+        ),
         ("no_images", ["holds no .png/.jpg/.jpeg images in class subfolders"]),
         ("unreadable_image", ["Cannot read the image", "bad.png", "replace it with a valid"]),
     ],
