@@ -9,9 +9,9 @@ only the training-time augmentation differs:
   rotation   random rotation in [-15, 15] degrees
   all        crop + flip + rotation
 
-Other variants go through --config, e.g. a report's 24x24 crops resized back and rotations up
-to 180 degrees: --config.augment.crop_size=24 --config.augment.rotation=180 (this changes every
-arm that crops or rotates).
+The crop and the rotation are this script's flags, e.g. a report's 24x24 crops resized back and
+rotations up to 180 degrees: --crop_padding=0 --crop_size=24 --rotation=180 (every arm that
+crops or rotates uses them; the others do neither).
 
 Full scale (a GPU: five ResNet-20 runs of 64k iterations):
   python experiments/augmentation.py --data_dir ~/tensorflow_datasets
@@ -29,24 +29,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
-
-ROTATION_DEGREES = 15.0
+flags.DEFINE_integer("crop_padding", 4, "Zero-padding (pixels) before the random crop.")
+flags.DEFINE_integer(
+    "crop_size", 0, "Random crop size, resized back to the image size; 0 = the image size."
+)
+flags.DEFINE_float("rotation", 15.0, "Random rotation in [-rotation, rotation] degrees.")
+FLAGS = flags.FLAGS
 
 
 def arms() -> list[sweep.Arm]:
+    if FLAGS.crop_padding < 0 or FLAGS.crop_size < 0 or FLAGS.rotation <= 0:
+        raise sweep.SweepError(
+            f"--crop_padding and --crop_size must be >= 0 and --rotation > 0, got "
+            f"{FLAGS.crop_padding}, {FLAGS.crop_size} and {FLAGS.rotation:g}."
+        )
+    crop_name = f"{FLAGS.crop_size}x{FLAGS.crop_size}, " if FLAGS.crop_size else ""
+    crop_label = f"crop ({crop_name}pad {FLAGS.crop_padding})"
+    rotation_label = f"rotation (±{FLAGS.rotation:g}°)"
+
     def arm(name, label, crop=False, flip=False, rotation=False):
         overrides = {
-            "augment.crop_padding": 4 if crop else 0,
+            "augment.crop_padding": FLAGS.crop_padding if crop else 0,
+            "augment.crop_size": FLAGS.crop_size if crop else 0,
             "augment.flip": flip,
-            "augment.rotation": ROTATION_DEGREES if rotation else 0.0,
+            "augment.rotation": FLAGS.rotation if rotation else 0.0,
         }
         return sweep.Arm(name, label, overrides)
 
     return [
         arm("none", "none"),
-        arm("crop", "crop (pad 4)", crop=True),
+        arm("crop", crop_label, crop=True),
         arm("flip", "flip", flip=True),
-        arm("rotation", f"rotation (±{ROTATION_DEGREES:g}°)", rotation=True),
+        arm("rotation", rotation_label, rotation=True),
         arm("all", "crop + flip + rotation", crop=True, flip=True, rotation=True),
     ]
 

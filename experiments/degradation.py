@@ -119,8 +119,7 @@ def error_curves(results: list[sweep.ArmResult], out: Path) -> list[Path]:
     fig.tight_layout()
     fig.subplots_adjust(right=0.9, wspace=0.25)
     path = out / "error_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save_figure(fig, path)
     return [path, error_vs_depth(results, out)]
 
 
@@ -158,8 +157,7 @@ def error_vs_depth(results: list[sweep.ArmResult], out: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "error_vs_depth.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save_figure(fig, path)
     return path
 
 

@@ -98,11 +98,13 @@ def grid_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
                 missing[i, j] = "diverged" if result.diverged else "unfinished"
             iterations[b] = iterations.get(b) or sweep.iterations_per_epoch(result)
     fig, ax = plt.subplots(figsize=(1.6 * len(rates) + 3, 1.0 * len(sizes) + 2))
-    image = ax.imshow(accuracy, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    # Cells without an accuracy (diverged, unfinished, not run) are grey, with dark text.
+    colormap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = ax.imshow(accuracy, cmap=colormap, vmin=0, vmax=100, aspect="auto")
     fig.colorbar(image, ax=ax, label="Test accuracy (%)")
     for (i, j), value in np.ndenumerate(accuracy):
         text = missing.get((i, j), "") if np.isnan(value) else f"{value:.1f}"
-        color = "white" if np.isnan(value) or value < 60 else "black"
+        color = "black" if np.isnan(value) or value >= 60 else "white"
         ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(len(rates)), [f"{lr:g}" for lr in rates])
     ax.set_yticks(
@@ -116,8 +118,7 @@ def grid_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
     )
     fig.tight_layout()
     path = out / "grid.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save_figure(fig, path)
     return [path]
 
 

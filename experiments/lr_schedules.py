@@ -13,7 +13,8 @@ Full scale (a GPU: five ResNet-20 runs of 64k iterations):
   python experiments/lr_schedules.py --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; tiny nets, not a result):
   python experiments/lr_schedules.py --quick --out workdirs/lr_schedules_quick
-Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
+Writes <out>/results.csv, results.md, curves.png, test_accuracy.png and schedules.png (each
+arm's learning rate at every epoch's end); a rerun resumes.
 """
 
 import sys
@@ -45,12 +46,31 @@ def arms() -> list[sweep.Arm]:
     ]
 
 
+def schedule_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
+    """schedules.png: the learning rate each arm trained with, at the end of every epoch."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    sweep.plot_lines(ax, results, "learning_rate")
+    ax.set(
+        title=sweep.quick_mark("Learning rate at the end of each epoch", results),
+        xlabel="Epoch",
+        ylabel="Learning rate (as used: per batch, after scaling)",
+    )
+    fig.tight_layout()
+    fig.subplots_adjust(right=0.8)
+    path = out / "schedules.png"
+    sweep.save_figure(fig, path)
+    return [path]
+
+
 STUDY = sweep.Study(
     name="lr_schedules",
     title="Learning-rate schedules (ResNet-20, SGD, same budget)",
     base_config="configs/resnet20.py",
     arms=arms,
     full_command="python experiments/lr_schedules.py --data_dir ~/tensorflow_datasets",
+    figures=schedule_figure,
     note="Same optimizer (SGD, momentum 0.9, peak lr 0.1) and budget for every arm; only "
     "schedule.name (and its own option) differs.",
 )

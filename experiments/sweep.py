@@ -116,13 +116,14 @@ class ArmResult:
     started: str = ""
     finished: str = ""
     diverged: bool = False  # the loss became NaN/inf: the trainer stopped it without results
+    diverged_epoch: int | None = None  # the (1-based) epoch it diverged in, when known
 
     @property
     def status(self) -> str:
         if self.results is not None:
             return "done"
         if self.diverged:
-            return f"diverged (epoch {len(self.epochs) + 1})"
+            return f"diverged (epoch {self.diverged_epoch})" if self.diverged_epoch else "diverged"
         return f"unfinished ({len(self.epochs)} epochs)" if self.epochs else "not started"
 
 
@@ -154,38 +155,55 @@ class Study:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """Parses the flags, turning the trainer's `--config.key=value` into `--set=key=value`."""
+    """Parses the flags, turning the trainer's `--config.key=value` into `--set=key=value` (and
+    its booleans, `--config.key` and `--noconfig.key`, into `=true` and `=false`). A flag that
+    does not parse, or an argument that is no flag, is a SweepError."""
     rewritten = []
     for arg in argv:
-        if arg.startswith("--config."):
-            rewritten.append("--set=" + arg.removeprefix("--config."))
+        if arg.startswith(("--config.", "--noconfig.")):
+            key, sep, value = arg.removeprefix("--").partition("=")
+            negated = key.startswith("no")
+            value = value if sep else ("false" if negated else "true")
+            rewritten.append(f"--set={key.removeprefix('no').removeprefix('config.')}={value}")
         else:
             rewritten.append(arg)
     FLAGS.unparse_flags()  # a second in-process run (tests) starts from the defaults too
-    return FLAGS(rewritten)
+    try:
+        rest = FLAGS(rewritten)
+    except flags.Error as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise SweepError(f"{reason}. Run with --help to see this study's flags.") from None
+    if len(rest) > 1:
+        raise SweepError(
+            f"Unexpected arguments: {' '.join(rest[1:])}. Flags take their value after '=', "
+            "e.g. --config.num_epochs=30 or --arms=constant,cosine."
+        )
+    return rest
 
 
 def run_cli(study: Study) -> None:
     """The script entry point: `app.run` with the study's flags."""
     from resnet_jax import config_utils
 
+    def parse_or_exit(argv: Sequence[str]) -> list[str]:
+        try:
+            return parse_flags(argv)
+        except SweepError as error:
+            config_utils.exit_with_message(str(error))
+
     config_utils.quiet_library_info()
-    app.run(lambda argv: _run_or_exit(study, argv), flags_parser=parse_flags)
+    app.run(lambda argv: _run_or_exit(study), flags_parser=parse_or_exit)
 
 
 def main(study: Study, argv: Sequence[str]) -> list[ArmResult]:
     """Parses `argv` (argv[0] is the program name) and runs the study; for tests and notebooks."""
-    rest = parse_flags(argv)
-    if len(rest) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(rest[1:])}")
+    parse_flags(argv)
     return run(study)
 
 
-def _run_or_exit(study: Study, argv: Sequence[str]) -> None:
+def _run_or_exit(study: Study) -> None:
     """`run`, where a mistake the user can fix ends in its message and exit status 1, and a
     SIGINT/SIGTERM (the trainer saves a checkpoint first) in 128 + the signal's number."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from resnet_jax import config_utils, train
 
     try:
@@ -282,8 +300,21 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def user_overrides() -> dict[str, Any]:
+    """The --config.key=value overrides of the command line, in order."""
+    overrides = {}
+    for item in FLAGS.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SweepError(f"--config.{item}: expected --config.key=value.")
+        overrides[key] = parse_value(value)
+    return overrides
+
+
 def base_config(study: Study) -> Any:
     """The study's base config with --quick, --dataset, --data_dir and --config.* applied."""
+    from resnet_jax import config_utils
+
     config = load_config(FLAGS.config or study.base_config)
     for key, value in study.overrides.items():
         set_key(config, key, value)
@@ -295,11 +326,10 @@ def base_config(study: Study) -> Any:
         set_key(config, "dataset.name", dataset)
     if FLAGS.data_dir:
         set_key(config, "dataset.data_dir", FLAGS.data_dir)
-    for item in FLAGS.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SweepError(f"--config.{item}: expected --config.key=value.")
-        set_key(config, key, parse_value(value))
+    given = user_overrides()
+    for key, value in given.items():
+        set_key(config, key, value)
+    config_utils.epochs_replace_steps(config, given)
     return config
 
 
@@ -308,6 +338,19 @@ def arm_config(base: Any, arm: Arm) -> Any:
     for key, value in arm.overrides.items():
         set_key(config, key, value)
     return config
+
+
+def check_no_clashes(arms: Sequence[Arm]) -> None:
+    """A SweepError if --config sets a key that an arm sets too: the arm's value would win."""
+    given = user_overrides()
+    for key in given:
+        setting = [arm.name for arm in arms if key in arm.overrides]
+        if setting:
+            raise SweepError(
+                f"--config.{key} is what this study's arms vary ({', '.join(setting)} set it), so "
+                "it would be replaced in them. Set what the arms use with the study's own flags "
+                "(--help lists them), or leave out those arms with --arms."
+            )
 
 
 def _as_json(config: Any) -> dict[str, Any]:
@@ -368,6 +411,7 @@ def run(study: Study) -> list[ArmResult]:
     """Trains (or resumes) the selected arms, then writes the table and figures."""
     out = Path(FLAGS.out or Path("workdirs") / study.name)
     every, selected = select_arms(study)
+    check_no_clashes(selected)
     base = base_config(study)
     configs = {arm.name: arm_config(base, arm) for arm in selected}
     if not FLAGS.plot_only:
@@ -437,7 +481,7 @@ def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
     except train.DivergedError as error:
         # A result of the study (e.g. too high a learning rate), not a failure of the sweep.
         print(f"{arm.name} diverged: {error}")
-        record["diverged"] = str(error)
+        record.update(diverged=str(error), diverged_epoch=error.epoch)
     record["finished"] = _now()
     stored.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -481,11 +525,14 @@ def eval_split(result: ArmResult) -> str:
 
 
 def iterations_per_epoch(result: ArmResult) -> int | None:
-    """Optimizer steps in one (full) epoch, from the first epoch's record."""
-    if not result.epochs or "step" not in result.epochs[0]:
+    """Optimizer steps in one (full) epoch, from the epoch records."""
+    if not result.epochs:
         return None
     first = result.epochs[0]
-    return round(first["step"] / first["epoch"]) if first["epoch"] else None
+    if "steps_per_epoch" in first:
+        return first["steps_per_epoch"]
+    # Written before epoch records carried it: right unless the first epoch was cut short.
+    return round(first["step"] / first["epoch"]) if "step" in first and first["epoch"] else None
 
 
 def read_results(workdir: Path) -> dict[str, Any] | None:
@@ -507,6 +554,7 @@ def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmR
         started=record.get("started", ""),
         finished=record.get("finished", ""),
         diverged=bool(record.get("diverged")),
+        diverged_epoch=record.get("diverged_epoch"),
     )
 
 
@@ -519,8 +567,10 @@ def last(result: ArmResult, key: str) -> float | None:
 
 
 def series(result: ArmResult, key: str) -> tuple[list[float], list[float]]:
-    """(epochs, values) of a per-epoch key."""
-    points = [(r["epoch"], r[key]) for r in result.epochs if r.get(key) is not None]
+    """(epochs done, values) of a per-epoch key."""
+    from resnet_jax.reporting import epochs_done
+
+    points = [(epochs_done(r), r[key]) for r in result.epochs if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -597,8 +647,10 @@ def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
         cells = []
         for key in columns:
             value = row.get(key)
-            if isinstance(value, float) and ("accuracy" in key or key in ("test_error", "f1")):
-                cells.append(f"{100 * value:.2f}%" if key != "f1" else f"{value:.4f}")
+            if isinstance(value, float) and key in ("precision", "recall", "f1"):
+                cells.append(f"{value:.4f}")
+            elif isinstance(value, float) and ("accuracy" in key or key == "test_error"):
+                cells.append(f"{100 * value:.2f}%")
             else:
                 cells.append(_cell(value).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -665,12 +717,22 @@ def write_reports(study: Study, results: list[ArmResult], out: Path) -> list[Pat
 # --- figures -------------------------------------------------------------------------------------
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Writes and closes `fig`, grown to take in the line-end labels outside its axes."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+
+
 def label_line_ends(ax: Any, ends: list[tuple[float, float, str, str]]) -> None:
     """Writes each label (x, y, text, color) right of its line's end, spread so none overlap."""
     if not ends:
         return
     low, high = ax.get_ylim()
     gap = 0.055 * (high - low)
+    # A line that leaves the axes (a diverged arm's) is labelled at the edge it leaves by.
+    ends = [(x, min(max(y, low), high) if math.isfinite(y) else high, t, c) for x, y, t, c in ends]
     placed = sorted(ends, key=lambda e: e[1])
     ys = [e[1] for e in placed]
     for i in range(1, len(ys)):
@@ -699,13 +761,17 @@ def plot_lines(
     scale: float = 1.0,
     label_ends: bool = True,
 ) -> None:
-    """One line per arm of a per-epoch key (or a key chosen per arm) in the arm's style."""
+    """One line per arm of a per-epoch key (or a key chosen per arm) in the arm's style. A
+    diverged arm is labelled so, and does not set the y range when other arms are on the axes."""
     ends = []
+    settled = []  # the values of the arms that did not diverge
     for result in results:
         x, y = series(result, key(result) if callable(key) else key)
         if not x:
             continue
         y = [scale * v for v in y]
+        if not result.diverged:
+            settled += [v for v in y if math.isfinite(v)]
         ax.plot(
             x,
             y,
@@ -715,7 +781,12 @@ def plot_lines(
             markersize=3,
             linewidth=1.6,
         )
-        ends.append((x[-1], y[-1], result.arm.label, result.color))
+        label = f"{result.arm.label} (diverged)" if result.diverged else result.arm.label
+        ends.append((x[-1], y[-1], label, result.color))
+    if settled and any(result.diverged for result in results):
+        low, high = min(settled), max(settled)
+        margin = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
+        ax.set_ylim(low - margin, high + margin)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if label_ends:
@@ -740,16 +811,14 @@ def plot_curves(study: Study, results: Sequence[ArmResult], path: Path) -> Path:
         if splits == {"test"}
         else "Validation (or test) accuracy (%)"
     )
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    # Constrained layout makes room for the line-end labels between the panels.
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     plot_lines(acc_ax, results, lambda r: f"{eval_split(r)}_accuracy", scale=100.0)
     acc_ax.set(title=held_out.split(" (")[0], xlabel="Epoch", ylabel=held_out)
     plot_lines(loss_ax, results, "train_loss")
     loss_ax.set(title="Training loss", xlabel="Epoch", ylabel="Training loss (cross-entropy, nats)")
     fig.suptitle(quick_mark(study.title, results))
-    fig.tight_layout()
-    fig.subplots_adjust(right=0.9, wspace=0.4)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -783,6 +852,5 @@ def plot_test_accuracy(study: Study, results: Sequence[ArmResult], path: Path) -
     ax.set_title(title.replace("  [", "\n["), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

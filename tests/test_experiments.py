@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,9 +166,10 @@ def test_lr_schedules_quick_run_then_resumes(tmp_path, fake_cifar, compilation_c
     arms = ["step", "cosine"]
     args = quick_args(tmp_path, fake_cifar, compilation_cache, f"--arms={','.join(arms)}")
     lr_schedules.main(args)
-    rows = check_outputs(tmp_path, arms)
+    figures = (*FIGURES, "schedules.png")
+    rows = check_outputs(tmp_path, arms, figures)
     assert [row["schedule.name"] for row in rows] == arms
-    check_colors(tmp_path, arm_colors(lr_schedules, arms))
+    check_colors(tmp_path, arm_colors(lr_schedules, arms), figures)
 
     # A rerun trains nothing: finished arms are only read back.
     written = {arm: (tmp_path / arm / "metrics.jsonl").stat().st_mtime_ns for arm in arms}
@@ -206,6 +208,7 @@ def test_augmentation_quick_run(tmp_path, fake_cifar, compilation_cache):
     rows = check_outputs(tmp_path, arms)
     assert [row["augment.flip"] for row in rows] == ["False", "True"]
     assert [row["augment.crop_padding"] for row in rows] == ["0", "0"]
+    assert [row["augment.crop_size"] for row in rows] == ["0", "0"]
 
 
 def test_hyperparams_quick_grid_reports_iterations_per_epoch(
@@ -310,14 +313,126 @@ def test_a_diverged_arm_is_a_result_not_a_crash(tmp_path, fake_cifar, monkeypatc
 
     def diverge(config, workdir):
         calls.append(workdir)
-        raise train.DivergedError("Training diverged: the training loss became nan at step 2.")
+        message = "Training diverged: the training loss became nan at step 2 (epoch 1)."
+        raise train.DivergedError(message, epoch=1)
 
     monkeypatch.setattr(train, "train_and_evaluate", diverge)
     args = quick_args(tmp_path, fake_cifar, "", "--arms=constant")
     lr_schedules.main(args)
     with open(tmp_path / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
-    assert row["status"].startswith("diverged") and row["test_accuracy"] == ""
+    assert row["status"] == "diverged (epoch 1)" and row["test_accuracy"] == ""
     assert (tmp_path / "test_accuracy.png").exists()
     lr_schedules.main(args)  # not retried: the divergence is the arm's result
     assert len(calls) == 1 and "diverged earlier" in capsys.readouterr().out
+
+
+def test_command_line_epochs_replace_the_base_configs_steps(tmp_path):
+    # configs/resnet20.py, the base of four studies, sets He et al.'s 64k iterations.
+    for args, num_steps in (
+        ([], 64_000),
+        (["--config.num_epochs=3"], 0),
+        (["--config.num_epochs=3", "--config.num_steps=50"], 50),
+    ):
+        sweep.parse_flags(["study", f"--out={tmp_path}", *args])
+        assert sweep.base_config(lr_schedules.STUDY).num_steps == num_steps, args
+
+
+def test_a_key_the_arms_vary_is_refused_and_the_study_flags_set_it(tmp_path):
+    # The arms' own values would silently replace the command line's.
+    clash = r"--config.augment.rotation is what this study's arms vary \(none, crop, flip, rotation"
+    with pytest.raises(sweep.SweepError, match=clash):
+        augmentation.main(["study", f"--out={tmp_path}", "--config.augment.rotation=180"])
+    with pytest.raises(sweep.SweepError, match=r"optimizer.learning_rate .*\(sgd, adam, rmsprop"):
+        optimizers.main(["study", f"--out={tmp_path}", "--config.optimizer.learning_rate=0.01"])
+
+    sweep.parse_flags(["study", "--crop_padding=0", "--crop_size=24", "--rotation=180"])
+    base = sweep.base_config(augmentation.STUDY)
+    augment = {arm.name: sweep.arm_config(base, arm).augment for arm in augmentation.STUDY.arms()}
+
+    def settings(name):
+        a = augment[name]
+        return (a.crop_padding, a.crop_size, a.flip, a.rotation)
+
+    assert settings("none") == (0, 0, False, 0.0)
+    assert settings("crop") == (0, 24, False, 0.0)
+    assert settings("rotation") == (0, 0, False, 180.0)
+    assert settings("all") == (0, 24, True, 180.0)
+
+
+def test_flag_mistakes_are_explained(tmp_path):
+    for args, message in (
+        (["--quik"], "Unknown command line flag 'quik'. Did you mean: quick ?"),
+        (["--quick=maybe"], "--quick"),
+        (["--config.num_epochs", "3"], "Unexpected arguments: 3. Flags take their value after '='"),
+        (["--rotation=0"], "--rotation > 0"),
+    ):
+        with pytest.raises(sweep.SweepError, match=re.escape(message)):
+            augmentation.main(["study", f"--out={tmp_path}", *args])
+    # The trainer's boolean spellings.
+    sweep.parse_flags(["study", "--noconfig.augment.flip", "--config.half_precision"])
+    base = sweep.base_config(lr_schedules.STUDY)
+    assert (base.augment.flip, base.half_precision) == (False, True)
+
+
+def test_a_flag_mistake_on_the_command_line_is_one_paragraph():
+    run = subprocess.run(
+        [sys.executable, "experiments/lr_schedules.py", "--quik"],
+        cwd=sweep.REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert "Error: Unknown command line flag 'quik'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def fabricated(tmp_path, name, losses, *, diverged=False, steps=5, steps_per_epoch=5):
+    """An ArmResult with one epoch record per loss, as a workdir's metrics.jsonl gives it."""
+    epochs = [
+        {"record": "epoch", "epoch": i + 1, "step": min(steps * (i + 1), steps * len(losses)),
+         "steps_per_epoch": steps_per_epoch, "train_loss": loss}
+        for i, loss in enumerate(losses)
+    ]  # fmt: skip
+    return sweep.ArmResult(
+        arm=sweep.Arm(name, name, {}), color="#d62728" if diverged else "#1f77b4",
+        workdir=tmp_path / name, config={}, epochs=epochs,
+        results=None if diverged else {"test_accuracy": 0.5}, hardware="", quick=True,
+        diverged=diverged, diverged_epoch=2 if diverged else None,
+    )  # fmt: skip
+
+
+def test_a_diverged_arm_is_labelled_and_does_not_set_the_scale(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fine = fabricated(tmp_path, "fine", [2.3, 1.9])
+    bad = fabricated(tmp_path, "bad", [1.3e15, float("nan")], diverged=True)
+    fig, ax = plt.subplots()
+    sweep.plot_lines(ax, [fine, bad], "train_loss")
+    assert 1.9 < ax.get_ylim()[1] < 3
+    assert sorted(text.get_text() for text in ax.texts) == ["bad (diverged)", "fine"]
+    plt.close(fig)
+    assert bad.status == "diverged (epoch 2)"
+
+
+def test_a_cut_short_epoch_is_plotted_where_it_ends(tmp_path):
+    # 3 steps of a 5-step epoch: at 0.6 epochs, and the epoch still has 5 iterations.
+    short = fabricated(tmp_path, "short", [2.3], steps=3)
+    assert sweep.series(short, "train_loss") == ([0.6], [2.3])
+    assert sweep.iterations_per_epoch(short) == 5
+
+
+def test_grid_cells_without_a_result_are_grey_with_dark_text(tmp_path):
+    sweep.parse_flags(["study", "--batch_sizes=16", "--learning_rates=1e6,0.1"])
+    results = [
+        fabricated(tmp_path, hyperparams.arm_name(16, 1e6), [1e15], diverged=True),
+        fabricated(tmp_path, hyperparams.arm_name(16, 0.1), [2.0]),
+    ]
+    (path,) = hyperparams.grid_figure(results, tmp_path)
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    grey = np.all(np.abs(image - 211) <= 2, axis=-1)  # matplotlib's "lightgrey", #d3d3d3
+    rows, cols = np.nonzero(grey)
+    assert grey.sum() > 2000
+    cell = image[rows.min() : rows.max(), cols.min() : cols.max()]
+    assert np.all(cell < 80, axis=-1).sum() > 20  # the word "diverged", in black
