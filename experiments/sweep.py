@@ -611,6 +611,9 @@ def table(study: Study, results: Sequence[ArmResult]) -> tuple[list[str], list[d
         )
         rows.append(row)
     columns = list(rows[0]) if rows else ["arm"]
+    if results and all(eval_split(result) == "test" for result in results):
+        # Every epoch is evaluated on the test split (degradation): no validation columns.
+        columns = [key for key in columns if key not in ("final_val_accuracy", "best_val_accuracy")]
     return columns, rows
 
 
@@ -706,7 +709,8 @@ def write_reports(study: Study, results: list[ArmResult], out: Path) -> list[Pat
     figures = [f for f in figures if f is not None]
     md = [f"# {study.title}", "", *provenance(study, results), ""]
     if study.note:
-        md += [study.note, ""]
+        quick = any(r.quick for r in results)
+        md += [f"At full scale: {study.note}" if quick else study.note, ""]
     md += [markdown_table(columns, rows), ""]
     md += [f"![{f.stem}]({f.name})" for f in figures]
     (out / "results.md").write_text("\n".join(md) + "\n")

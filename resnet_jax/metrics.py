@@ -42,7 +42,12 @@ def precision_recall_f1(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def classification_report(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1 and per-class figures by name, as JSON-ready values."""
+    """Accuracy, macro precision/recall/F1 and per-class figures by name, as JSON-ready values.
+
+    Macro: the unweighted mean over every class of the data set, as scikit-learn's
+    average="macro" with labels=all classes (a class absent from the split and never predicted
+    counts as 0; scikit-learn's default would leave it out).
+    """
     confusion = np.asarray(confusion, dtype=np.int64)
     per_class = precision_recall_f1(confusion)
     total = int(confusion.sum())

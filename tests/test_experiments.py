@@ -230,6 +230,7 @@ def test_degradation_quick_run_plots_both_families(tmp_path, fake_cifar, compila
     assert [row["model.residual"] for row in rows] == ["False", "True"]
     # Evaluated on the test split every epoch, as in He et al.'s Fig. 6.
     assert all("test_accuracy" in epoch_records(tmp_path / arm)[0] for arm in arms)
+    assert "final_val_accuracy" not in rows[0] and "best_val_accuracy" not in rows[0]
     # Colour by depth: both families of depth 20 share its colour in the Fig. 6 panels.
     check_colors(tmp_path, {"depth 20": degradation.DEPTH_COLORS[20]}, figures[2:])
     with pytest.raises(sweep.SweepError, match="--depths"):
