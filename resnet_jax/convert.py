@@ -172,7 +172,13 @@ def _read(path: Path, arch: str) -> StateDict:
     if path.is_dir():
         return _read_converted_dir(path)
     if path.suffix == ".safetensors":
-        return safetensors.numpy.load_file(path)
+        try:
+            return safetensors.numpy.load_file(path)
+        except Exception as error:  # safetensors' own error type for a damaged header or data
+            raise ConversionError(
+                f"Could not read '{path}' as safetensors ({error}): the file is damaged or not "
+                "safetensors. Download or save the weights again (safetensors.torch.save_file)."
+            ) from None
     return _read_torch_file(path)
 
 

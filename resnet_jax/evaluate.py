@@ -93,12 +93,11 @@ def evaluate_checkpoint(
     finally:
         checkpoints.close()
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
-    parallel.check_batch_size(config.eval_batch_size, par.num_devices, name="eval_batch_size")
+    # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
+    batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
     state = par.place_state(eval_state(config, variables, dataset.num_classes, dataset.image_shape))
     logging.info("Testing %s's checkpoint at step %d (%s).", config.model.name, step, why)
-    evaluation = train.evaluate(
-        par.compile_eval_step(), state, dataset.test, par, config.eval_batch_size
-    )
+    evaluation = train.evaluate(par.compile_eval_step(), state, dataset.test, par, batch_size)
     return {
         **train.summarize_test(evaluation, dataset.class_names),
         "checkpoint_step": step,

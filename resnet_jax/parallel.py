@@ -225,5 +225,29 @@ def initialize_distributed(
 
     Arguments left None are auto-detected by JAX (TPU pods, SLURM, Open MPI, ...); the explicit
     ones are for other launchers. Afterwards `jax.devices()` lists every process's devices.
+    A ParallelError says what is missing or out of range.
     """
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    explicit = "--coordinator_address=host:port --num_processes=N --process_id=i"
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ParallelError(
+                f"--coordinator_address={coordinator_address} is not host:port (e.g. "
+                "10.0.0.1:12345, process 0's address and a free port)."
+            )
+        if num_processes is None or process_id is None:
+            raise ParallelError(f"A multi-process run by hand needs all three of {explicit}.")
+    if num_processes is not None and num_processes < 1:
+        raise ParallelError(f"--num_processes={num_processes}: it must be at least 1.")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        raise ParallelError(
+            f"--process_id={process_id}: it must be in 0..{num_processes - 1} "
+            f"(--num_processes={num_processes}), a different one for each process."
+        )
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except ValueError as error:  # no cluster detected for what was left out
+        raise ParallelError(
+            f"Cannot join a multi-process run: {error} Outside a TPU pod or a SLURM/Open MPI "
+            f"job, pass {explicit} to every process."
+        ) from None

@@ -97,11 +97,20 @@ def write_results(results: dict[str, Any], json_path: Path, confusion_png: Path)
 
 
 def read_metrics(workdir: Path) -> list[dict[str, Any]]:
-    """The records of `workdir`/metrics.jsonl, in order ([] if there is none)."""
+    """The records of `workdir`/metrics.jsonl, in order ([] if there is none). A line cut short
+    (a full disk, kill -9) is skipped: a resume rewrites the file without it."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
 
 
 def read_results(workdir: Path) -> dict[str, Any] | None:

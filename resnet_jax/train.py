@@ -982,7 +982,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError(
             f"Unexpected arguments: {' '.join(argv[1:])}; set config keys as --config.KEY=VALUE."
         )
-    if flags.FLAGS.distributed or flags.FLAGS.coordinator_address:
+    by_hand = (flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    if flags.FLAGS.distributed or any(value is not None for value in by_hand):
         parallel.initialize_distributed(
             flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
         )

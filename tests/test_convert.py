@@ -240,6 +240,14 @@ def test_missing_file_says_where_to_get_weights(tmp_path):
     assert convert.TORCHVISION_URLS["resnet50"] in message
 
 
+def test_a_damaged_safetensors_file_is_explained(tmp_path):
+    damaged = tmp_path / "resnet18.safetensors"
+    damaged.write_bytes(b"\xff" * 64)
+
+    with pytest.raises(convert.ConversionError, match="damaged or not safetensors"):
+        convert.load_pretrained({}, damaged, "resnet18")
+
+
 def fresh_variables(model: models.ResNet) -> dict:
     """Random stand-ins for `model.init`'s variables, without compiling the model."""
     rng = np.random.default_rng(1)

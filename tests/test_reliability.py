@@ -35,7 +35,7 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from PIL import Image
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, reporting
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, run_module, subprocess_env
 from tests.test_cli import TOTAL_STEPS, final_variables, read_jsonl
 from tests.test_train import assert_explained, train_cli  # noqa: F401 (a fixture)
@@ -429,3 +429,15 @@ def test_a_second_run_on_the_same_workdir_is_refused(
     # The kernel released the dead run's lock: nothing stale stops the rerun.
     with open(workdir / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume(tmp_path):
+    # A full disk or kill -9 in the middle of a write leaves part of a line (or NULs) at the end.
+    records = [{"record": "step", "step": s, "train_loss": 1.0 / s} for s in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / reporting.METRICS_FILE).write_text(text + '{"record": "step", "step": 4, "tra\0\0')
+    assert reporting.read_metrics(tmp_path) == records
+    reporting.Reporter(tmp_path).keep_history_until(2)
+    assert (tmp_path / reporting.METRICS_FILE).read_text() == "".join(
+        json.dumps(r) + "\n" for r in records[:2]
+    )

@@ -366,3 +366,20 @@ def test_optim_names_match_the_config_keys():
     for options in optim.OPTIMIZER_OPTIONS.values():
         assert set(options) <= set(defaults.optimizer)
     assert set(train.SCHEDULE_KEYS) == set(optim.SCHEDULE_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--coordinator_address=localhost:12421", "--num_processes=2"], ["needs all three of"]),
+        (["--coordinator_address=nohost"], ["--coordinator_address=nohost is not host:port"]),
+        (
+            ["--coordinator_address=localhost:12421", "--num_processes=2", "--process_id=2"],
+            ["--process_id=2: it must be in 0..1"],
+        ),
+    ],
+)
+def test_multi_process_flag_mistakes_are_explained(train_cli, tmp_path, args, fragments):
+    # Checked before JAX's runtime is asked to join anything.
+    code, stderr = train_cli("--config=configs/resnet20.py", f"--workdir={tmp_path}", *args)
+    assert_explained(code, stderr, *fragments)
