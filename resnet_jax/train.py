@@ -639,8 +639,19 @@ def setup(
 ) -> tuple[Run, ts.TrainState]:
     """Data, model, optimizer and compiled steps, and the state: fresh or the latest saved."""
     par = parallel.Parallel(config.parallel)
-    parallel.check_batch_size(config.batch_size, par.num_devices)
-    parallel.check_batch_size(config.eval_batch_size, par.num_devices, name="eval_batch_size")
+    try:
+        parallel.check_batch_size(config.batch_size, par.num_devices)
+        parallel.check_batch_size(config.eval_batch_size, par.num_devices, name="eval_batch_size")
+    except parallel.ParallelError as error:
+        if checkpoints.latest_step() is None:
+            raise
+        # A resume cannot take another batch size: it would not continue the same run.
+        raise parallel.ParallelError(
+            f"{workdir} holds a run with batch_size {config.batch_size} and eval_batch_size "
+            f"{config.eval_batch_size}, which do not both divide over the {par.num_devices} "
+            "devices here. Resume it on a device count that divides both (or set eval_batch_size "
+            "alone), or start a new --workdir with other batch sizes."
+        ) from error
     dataset = load_dataset(config)
     plan = make_plan(config, len(dataset.train))
     log_plan(config, dataset, plan, par)
