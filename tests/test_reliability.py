@@ -354,7 +354,7 @@ def test_bad_image_folders_are_explained(train_cli, tmp_path, problem, fragments
         # a file that is not weights at all
         (
             "resnet18",
-            ["Cannot read model.pretrained", "weights.safetensors", "trains from scratch"],
+            ["Could not read", "weights.safetensors", "damaged or not safetensors"],
         ),
     ],
 )
