@@ -43,8 +43,18 @@ def random_flip(rng: jax.Array, image: jax.Array) -> jax.Array:
     return jnp.where(jax.random.bernoulli(rng), image[:, ::-1], image)
 
 
-def rotate(image: jax.Array, degrees: float | jax.Array) -> jax.Array:
-    """Rotates an HWC image counter-clockwise about its centre: bilinear, zero fill, float32."""
+# map_coordinates' spline order for each of torchvision's interpolation names.
+INTERPOLATION_ORDER = {"bilinear": 1, "nearest": 0}
+
+
+def rotate(
+    image: jax.Array, degrees: float | jax.Array, interpolation: str = "bilinear"
+) -> jax.Array:
+    """Rotates an HWC image counter-clockwise about its centre, zero fill, float32.
+
+    `interpolation` is "bilinear" or "nearest" (torchvision's RandomRotation default); the
+    centre and direction are torchvision's `rotate`.
+    """
     height, width = image.shape[:2]
     radians = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
     cos, sin = jnp.cos(radians), jnp.sin(radians)
@@ -53,19 +63,35 @@ def rotate(image: jax.Array, degrees: float | jax.Array) -> jax.Array:
     # Each output pixel samples the input at its position rotated back (y points down).
     source_y = (height - 1) / 2 + sin * dx + cos * dy
     source_x = (width - 1) / 2 + cos * dx - sin * dy
+    order = INTERPOLATION_ORDER[interpolation]
 
     def sample(channel: jax.Array) -> jax.Array:
         return jax.scipy.ndimage.map_coordinates(
-            channel, [source_y, source_x], order=1, mode="constant", cval=0.0
+            channel, [source_y, source_x], order=order, mode="constant", cval=0.0
         )
 
     return jax.vmap(sample, in_axes=2, out_axes=2)(image.astype(jnp.float32))
 
 
-def random_rotation(rng: jax.Array, image: jax.Array, max_degrees: float) -> jax.Array:
-    """Rotates by an angle drawn uniformly from [-max_degrees, max_degrees]."""
-    degrees = jax.random.uniform(rng, minval=-max_degrees, maxval=max_degrees)
-    return rotate(image, degrees)
+def random_rotation(
+    rng: jax.Array,
+    image: jax.Array,
+    max_degrees: float,
+    min_degrees: float | None = None,
+    interpolation: str = "bilinear",
+) -> jax.Array:
+    """Rotates by an angle drawn uniformly from [min_degrees, max_degrees] (min_degrees None:
+    -max_degrees, as torchvision's RandomRotation(max_degrees))."""
+    low = -max_degrees if min_degrees is None else min_degrees
+    degrees = jax.random.uniform(rng, minval=low, maxval=max_degrees)
+    return rotate(image, degrees, interpolation)
+
+
+def center_crop(image: jax.Array, size: int) -> jax.Array:
+    """The central size x size window of an HWC image (torchvision's CenterCrop rounding)."""
+    top = round((image.shape[0] - size) / 2)
+    left = round((image.shape[1] - size) / 2)
+    return image[top : top + size, left : left + size]
 
 
 def cutout(rng: jax.Array, image: jax.Array, size: int) -> jax.Array:
@@ -91,8 +117,11 @@ class Preprocess:
     std: tuple[float, ...]
     crop_padding: int = 4
     crop_size: int | None = None
+    resize_crop: bool = True
     flip: bool = True
     rotation: float = 0.0
+    rotation_from_zero: bool = False
+    rotation_interpolation: str = "bilinear"
     cutout_size: int = 0
     resize_to: int | None = None
 
@@ -102,11 +131,17 @@ class Preprocess:
         if rng is not None:
             rngs = jax.random.split(rng, images.shape[0])
             images = jax.vmap(self._augment)(rngs, images)
+        elif self._trains_at_crop_size(images.shape[1:3]):
+            # Evaluation sees what training saw: the crop size, here from the centre.
+            images = jax.vmap(center_crop, in_axes=(0, None))(images, self.crop_size)
         if self.resize_to is not None:
             batch, _, _, channels = images.shape
             shape = (batch, self.resize_to, self.resize_to, channels)
             images = jax.image.resize(images, shape, method="bilinear")
         return normalize(images, self.mean, self.std)
+
+    def _trains_at_crop_size(self, size: tuple[int, int]) -> bool:
+        return bool(self.crop_size) and not self.resize_crop and size != (self.crop_size,) * 2
 
     def _augment(self, rng: jax.Array, image: jax.Array) -> jax.Array:
         crop_rng, flip_rng, rotation_rng, cutout_rng = jax.random.split(rng, 4)
@@ -114,13 +149,16 @@ class Preprocess:
         crop_size = (self.crop_size, self.crop_size) if self.crop_size else size
         if self.crop_padding or crop_size != size:
             image = random_crop(crop_rng, image, self.crop_padding, crop_size)
-        if crop_size != size:
+        if crop_size != size and self.resize_crop:
             # Scaled back to the image size, so train and eval (which never crops) sizes agree.
             image = jax.image.resize(image, (*size, image.shape[2]), method="bilinear")
         if self.flip:
             image = random_flip(flip_rng, image)
         if self.rotation:
-            image = random_rotation(rotation_rng, image, self.rotation)
+            low = 0.0 if self.rotation_from_zero else None
+            image = random_rotation(
+                rotation_rng, image, self.rotation, low, self.rotation_interpolation
+            )
         if self.cutout_size:
             image = cutout(cutout_rng, image, self.cutout_size)
         return image
@@ -132,32 +170,45 @@ def make_preprocess(
     std: Sequence[float],
     crop_padding: int = 4,
     crop_size: int | None = None,
+    resize_crop: bool = True,
     flip: bool = True,
     rotation: float = 0.0,
+    rotation_from_zero: bool = False,
+    rotation_interpolation: str = "bilinear",
     cutout_size: int = 0,
     resize_to: int | None = None,
 ) -> Preprocess:
     """The preprocessing for the train and eval steps.
 
     With an rng (training) each image gets its own rng and, as enabled: zero-padding by
-    `crop_padding` and a random crop of `crop_size` (default: the image size; a smaller crop is
-    resized back to the image size, so evaluation, which never crops, sees the same size), a
-    random left-right flip, a random rotation in [-rotation, rotation] degrees, and cutout of a
-    `cutout_size` square. Then, with or without an rng, a bilinear resize to `resize_to` (e.g.
-    224 for ImageNet-pretrained nets on CIFAR) and normalization with `mean` and `std`.
+    `crop_padding` and a random crop of `crop_size` (default: the image size), a random
+    left-right flip, a random rotation in [-rotation, rotation] degrees ([0, rotation] if
+    `rotation_from_zero`, "bilinear" or "nearest"), and cutout of a `cutout_size` square. A crop
+    smaller than the image is resized back to the image size if `resize_crop`; otherwise the
+    model trains at `crop_size` and evaluation takes the centre crop of that size. Then, with or
+    without an rng, a bilinear resize to `resize_to` (e.g. 224 for ImageNet-pretrained nets on
+    CIFAR) and normalization with `mean` and `std`.
     """
     if crop_padding < 0 or (crop_size is not None and crop_size <= 0) or rotation < 0:
         raise ValueError(
             f"crop_padding and rotation must be >= 0 and crop_size > 0, got {crop_padding}, "
             f"{rotation} and {crop_size}"
         )
+    if rotation_interpolation not in INTERPOLATION_ORDER:
+        raise ValueError(
+            f"rotation_interpolation must be one of {', '.join(INTERPOLATION_ORDER)}, got "
+            f"{rotation_interpolation!r}"
+        )
     return Preprocess(
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         crop_padding=crop_padding,
         crop_size=crop_size,
+        resize_crop=resize_crop,
         flip=flip,
         rotation=float(rotation),
+        rotation_from_zero=rotation_from_zero,
+        rotation_interpolation=rotation_interpolation,
         cutout_size=cutout_size,
         resize_to=resize_to,
     )

@@ -170,3 +170,48 @@ def test_equal_settings_give_equal_preprocess():
     second = augment.make_preprocess(**{**settings, "mean": list(augment.CIFAR10_MEAN)})
     assert first == second and hash(first) == hash(second)
     assert first != augment.make_preprocess(**{**settings, "flip": False})
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+@pytest.mark.parametrize("degrees", [30.0, 137.0])
+def test_rotation_matches_torchvision(image, interpolation, degrees):
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("torchvision.transforms.functional")
+    mode = getattr(functional.InterpolationMode, interpolation.upper())
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    expected = functional.rotate(chw, degrees, interpolation=mode).numpy().transpose(1, 2, 0)
+    rotated = np.asarray(augment.rotate(image, degrees, interpolation))
+    if interpolation == "bilinear":
+        np.testing.assert_allclose(rotated, expected, atol=1e-2)
+    else:
+        # A source coordinate that lands within float error of a pixel boundary may round either
+        # way; every other pixel is the same input pixel.
+        assert np.mean(rotated != expected) < 0.01
+
+
+def test_random_rotation_from_zero_draws_in_zero_to_max(image):
+    for key in _keys(4):
+        rotated = augment.random_rotation(key, image, 180.0, 0.0, "nearest")
+        degrees = jax.random.uniform(key, minval=0.0, maxval=180.0)
+        chex.assert_trees_all_equal(rotated, augment.rotate(image, degrees, "nearest"))
+
+
+def test_center_crop_matches_torchvision(image):
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("torchvision.transforms.functional")
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    for size in (24, 25):
+        expected = functional.center_crop(chw, [size, size]).numpy().transpose(1, 2, 0)
+        chex.assert_trees_all_equal(augment.center_crop(image, size), expected)
+
+
+def test_training_at_the_crop_size_evaluates_on_the_centre_crop():
+    # Report 004's pipeline: RandomCrop(24, padding=4) of 32x32 images, trained at 24x24.
+    preprocess = augment.make_preprocess(
+        mean=(0.0,) * 3, std=(1 / 255,) * 3, crop_padding=4, crop_size=24, resize_crop=False,
+        rotation=180.0, rotation_from_zero=True, rotation_interpolation="nearest",
+    )  # fmt: skip
+    images = _batch(4)
+    chex.assert_shape(jax.jit(preprocess)(images, jax.random.key(0)), (4, 24, 24, 3))
+    evaluated = jax.jit(preprocess)(images, None)
+    chex.assert_trees_all_close(evaluated, images[:, 4:28, 4:28].astype(jnp.float32), atol=1e-3)
