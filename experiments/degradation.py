@@ -1,20 +1,23 @@
-"""Plain vs residual networks at depths 20, 32, 44 and 56 (and 110 on request): He et al. Fig. 6.
+"""Plain vs residual nets at depths 20, 32, 44, 56 (110 and 1202 on request): He et al. Fig. 6.
 
 He et al. (2015) trained plain nets (the same layers without shortcuts) and ResNets on CIFAR-10:
 the deeper plain nets have HIGHER training and test error (the degradation problem), while the
-deeper ResNets have lower error (ResNet-20/32/44/56/110: 8.75/7.51/7.17/6.97/6.43% test error).
-Every arm uses the paper's recipe (configs/resnet20.py: SGD, lr 0.1 /10 at 32k and 48k, 64k
-iterations, batch 128, crop + flip); ResNet-110 and plain-110 add the paper's warmup.
+deeper ResNets have lower error (ResNet-20/32/44/56/110: 8.75/7.51/7.17/6.97/6.43% test error)
+until ResNet-1202 (7.93%), which overfits. Every arm uses the paper's recipe (configs/resnet20.py:
+SGD, lr 0.1 /10 at 32k and 48k, 64k iterations, batch 128, crop + flip); the 110- and 1202-layer
+nets add the paper's warmup. Depth 1202 is a ResNet arm only, as in the paper's Table 6.
 
 Each epoch is evaluated on the test split (dataset.val_fraction = 0, training on all 50k images
 as the paper's figure does), so error_curves.png shows training (dashed) and test (solid) error
 against epoch, plain nets left and ResNets right, one colour per depth; error_vs_depth.png gives
 the final test error of both families against depth.
 
-  --depths=20,32,44,56 (default; --quick: 20,32)   --depths=20,32,44,56,110 adds depth 110
+  --depths=20,32,44,56 (default; --quick: 20,32)   --depths=20,32,44,56,110,1202 adds 110 and 1202
 
-Full scale (a GPU: eight runs of 64k iterations, ten with 110):
+Full scale (a GPU: eight runs of 64k iterations, ten with 110, eleven with 1202; ResNet-1202's
+memory and time are in docs/EXPERIMENTS.md):
   python experiments/degradation.py --data_dir ~/tensorflow_datasets
+  python experiments/degradation.py --data_dir ~/tensorflow_datasets --depths=20,32,44,56,110,1202
 Quick check that it runs (minutes on a CPU; width-4 nets, not a result):
   python experiments/degradation.py --quick --out workdirs/degradation_quick
 Writes <out>/results.csv, results.md, curves.png, test_accuracy.png, error_curves.png and
@@ -32,11 +35,14 @@ from experiments import sweep
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
 
 FLAGS = flags.FLAGS
-DEPTHS = (20, 32, 44, 56, 110)  # the He et al. CIFAR nets this study knows
+DEPTHS = (20, 32, 44, 56, 110, 1202)  # the He et al. CIFAR nets this study knows
+RESNET_ONLY_DEPTHS = (1202,)  # the paper trained no plain twin this deep
 FULL_DEPTHS, QUICK_DEPTHS = [20, 32, 44, 56], [20, 32]
-DEPTH_COLORS = {20: "#1f77b4", 32: "#ff7f0e", 44: "#2ca02c", 56: "#d62728", 110: "#9467bd"}
+DEPTH_COLORS = {
+    20: "#1f77b4", 32: "#ff7f0e", 44: "#2ca02c", 56: "#d62728", 110: "#9467bd", 1202: "#8c564b",
+}  # fmt: skip
 # He et al. (2015), Table 6: CIFAR-10 test error (%) of the ResNets (110: best of 5 runs).
-PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
+PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 flags.DEFINE_list(
     "depths", None, f"Depths to train, of {DEPTHS} (default {FULL_DEPTHS}; --quick {QUICK_DEPTHS})."
 )
@@ -58,8 +64,10 @@ def arms() -> list[sweep.Arm]:
     result = []
     for residual in (False, True):
         for depth in depths():
+            if not residual and depth in RESNET_ONLY_DEPTHS:
+                continue
             overrides = {"model.name": f"resnet{depth}", "model.residual": residual}
-            if depth == 110:  # the paper's warmup for its 110-layer nets (configs/resnet110.py)
+            if depth >= 110:  # the paper's warmup for its deepest nets (configs/resnet110.py)
                 overrides["schedule.warmup_epochs"] = 1.0
             result.append(
                 sweep.Arm(
@@ -151,9 +159,12 @@ def error_vs_depth(results: list[sweep.ArmResult], out: Path) -> Path:
         title=sweep.quick_mark("Final test error against depth", results),
         xlabel="Depth (layers)",
         ylabel="Test error (%)",
-        xticks=sorted({depth_of(r) for r in results} | set(PAPER_TEST_ERROR)),
-        xlim=(10, 140),  # room for the labels right of the last points
+        xscale="log",  # 20 to 1202 layers
+        xlim=(15, 2000),  # room for the labels right of the last points
     )
+    depths_shown = sorted({depth_of(r) for r in results} | set(PAPER_TEST_ERROR))
+    ax.set_xticks(depths_shown, [str(d) for d in depths_shown])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "error_vs_depth.png"
@@ -171,8 +182,8 @@ STUDY = sweep.Study(
     full_command="python experiments/degradation.py --data_dir ~/tensorflow_datasets",
     note="Every arm: He et al.'s CIFAR recipe (configs/resnet20.py) at its depth, with or without "
     "shortcuts, trained on all training images and evaluated on the test split every epoch (as "
-    "the paper's Fig. 6). Paper (Table 6): ResNet-20/32/44/56/110 at 8.75/7.51/7.17/6.97/6.43% "
-    "test error; the plain nets get worse with depth.",
+    "the paper's Fig. 6). Paper (Table 6): ResNet-20/32/44/56/110/1202 at "
+    "8.75/7.51/7.17/6.97/6.43/7.93% test error; the plain nets get worse with depth.",
 )
 
 
