@@ -1,14 +1,16 @@
-"""Optimizers, each at its usual learning rate: SGD with momentum, Adam, RMSprop and AdamW.
+"""Optimizers, each at its usual learning rate: SGD with and without momentum, Adam, RMSprop, AdamW.
 
 ResNet-20 on CIFAR-10 with one schedule (cosine to 0) and one budget (64k iterations of batch 128,
 He et al.'s); rates are per 128 images:
 
   sgd       SGD, momentum 0.9, lr 0.1, L2 weight decay 1e-4 (He et al.)
+  sgd_plain SGD without momentum (plain mini-batch SGD, which a report contrasts with momentum),
+            lr 0.1, L2 weight decay 1e-4
   adam      Adam (0.9, 0.999), lr 1e-3, L2 weight decay 1e-4
   rmsprop   RMSprop (decay 0.9, no momentum), lr 1e-3, L2 weight decay 1e-4
   adamw     AdamW (0.9, 0.999), lr 1e-3, decoupled weight decay 0.05
 
-Full scale (a GPU: four ResNet-20 runs of 64k iterations):
+Full scale (a GPU: five ResNet-20 runs of 64k iterations):
   python experiments/optimizers.py --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; tiny nets, not a result):
   python experiments/optimizers.py --quick --out workdirs/optimizers_quick
@@ -32,6 +34,8 @@ def arms() -> list[sweep.Arm]:
 
     return [
         arm("sgd", "SGD + momentum, lr 0.1", name="sgd", learning_rate=0.1, momentum=0.9,
+            weight_decay=1e-4),
+        arm("sgd_plain", "SGD, no momentum, lr 0.1", name="sgd", learning_rate=0.1, momentum=0.0,
             weight_decay=1e-4),
         arm("adam", "Adam, lr 1e-3", name="adam", learning_rate=1e-3, momentum=0.0,
             weight_decay=1e-4),

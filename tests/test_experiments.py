@@ -344,7 +344,9 @@ def test_a_key_the_arms_vary_is_refused_and_the_study_flags_set_it(tmp_path):
     clash = r"--config.augment.rotation is what this study's arms vary \(none, crop, flip, rotation"
     with pytest.raises(sweep.SweepError, match=clash):
         augmentation.main(["study", f"--out={tmp_path}", "--config.augment.rotation=180"])
-    with pytest.raises(sweep.SweepError, match=r"optimizer.learning_rate .*\(sgd, adam, rmsprop"):
+    with pytest.raises(
+        sweep.SweepError, match=r"optimizer.learning_rate .*\(sgd, sgd_plain, adam, rmsprop"
+    ):
         optimizers.main(["study", f"--out={tmp_path}", "--config.optimizer.learning_rate=0.01"])
 
     sweep.parse_flags(["study", "--crop_padding=0", "--crop_size=24", "--rotation=180"])
