@@ -77,7 +77,15 @@ def _parse_flags_explaining_errors(argv: list[str]) -> list[str]:
         if "config" in flags.FLAGS:
             flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
         return remaining
-    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+    except (
+        flags.Error,
+        AttributeError,
+        ImportError,
+        KeyError,
+        OSError,
+        TypeError,
+        ValueError,
+    ) as error:
         exit_with_message(_explain_flag_error(error, argv))
 
 
@@ -103,7 +111,7 @@ def _explain_flag_error(error: Exception, argv: list[str]) -> str:
             f"the config file; {config_utils.BASE_CONFIG} lists every key with its type and "
             "meaning."
         )
-    if "Error whilst parsing config file" in str(error) or isinstance(error, OSError):
+    if "Error whilst parsing config file" in str(error) or isinstance(error, OSError | ImportError):
         recipes = sorted(p.name for p in Path("configs").glob("*.py"))  # in a source checkout
         listed = f" (configs/ here holds {', '.join(recipes)})" if recipes else ""
         return (

@@ -346,6 +346,15 @@ def test_config_mistakes_are_explained(train_cli, tmp_path, override, fragments)
     assert_explained(code, stderr, *fragments)
 
 
+def test_a_recipe_that_imports_the_old_configs_package_is_explained(train_cli, tmp_path):
+    recipe = tmp_path / "old.py"  # configs/default.py is now the package's base_config
+    recipe.write_text("from configs import default\n\n\ndef get_config():\n    return None\n")
+    code, stderr = train_cli(f"--config={recipe}", f"--workdir={tmp_path / 'run'}")
+    assert_explained(
+        code, stderr, "Cannot load the config file", "from resnet_jax import base_config"
+    )
+
+
 def test_all_problems_are_reported_at_once(train_cli, tmp_path):
     code, stderr = train_cli(
         "--config=configs/r50.py", f"--workdir={tmp_path}", "--config.batch_size=0",
