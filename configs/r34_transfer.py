@@ -17,12 +17,12 @@ model.pretrained also takes a `python -m resnet_jax.convert` output directory. W
 trains a head on a random frozen backbone, which is not this recipe.
 """
 
-from configs import default
+from resnet_jax import base_config
 
 
 def get_config():
     """ResNet-34 from ImageNet weights, backbone frozen, Adam + cosine, 20 epochs at 224x224."""
-    config = default.get_config()
+    config = base_config.get_config()
     config.model.name = "resnet34"
     config.model.stem = "imagenet"  # the 7x7/2 stem + max-pool the weights were trained with
     config.model.freeze = "backbone"  # the report's "all layers frozen": only the new fc trains

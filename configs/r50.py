@@ -9,12 +9,12 @@ on all 50k (--config.dataset.val_fraction=0 trains on all and reports the last c
 200 epochs x 351 steps = 70k steps.
 """
 
-from configs import default
+from resnet_jax import base_config
 
 
 def get_config():
     """ResNet-50, CIFAR stem, SGD + Nesterov, cosine with warmup, 200 epochs."""
-    config = default.get_config()
+    config = base_config.get_config()
     config.model.name = "resnet50"
     config.model.stem = "cifar"  # 3x3/1 stem, no max-pool: 32x32 images keep their resolution
     config.optimizer.name = "sgd"

@@ -19,12 +19,12 @@ Without it the run starts from scratch with this fine-tuning recipe, which is no
 target. 30 epochs x 351 steps = 10.5k steps at 224x224: a GPU run.
 """
 
-from configs import default
+from resnet_jax import base_config
 
 
 def get_config():
     """ResNet-50 from ImageNet weights, all layers trained, SGD + Nesterov, cosine, 30 epochs."""
-    config = default.get_config()
+    config = base_config.get_config()
     config.model.name = "resnet50"
     config.model.stem = "imagenet"  # the stem the ImageNet weights were trained with
     config.model.freeze = "none"  # fine-tune every layer: far above a frozen backbone on CIFAR-10

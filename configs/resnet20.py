@@ -7,12 +7,12 @@ per-channel mean and std instead of the paper's per-pixel mean subtraction.
 resnet56.py and resnet110.py change only the depth (and resnet110's warmup).
 """
 
-from configs import default
+from resnet_jax import base_config
 
 
 def get_config():
     """ResNet-20 (option A shortcuts) for 64k iterations of SGD, /10 at 32k and 48k."""
-    config = default.get_config()
+    config = base_config.get_config()
     config.model.name = "resnet20"
     config.model.shortcut = "A"  # the paper's CIFAR nets use parameter-free identity shortcuts
     config.dataset.val_fraction = 0.1  # the paper's 45k/5k split

@@ -38,8 +38,6 @@ from typing import Any
 from absl import app, flags
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # configs/*.py import each other as `configs.<name>`
-    sys.path.insert(0, str(REPO_ROOT))
 
 ARM_FILE = "sweep_arm.json"  # in each arm's workdir: the config it was trained with, and where
 RESULTS_FILE = "results.json"
@@ -183,15 +181,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def run_cli(study: Study) -> None:
     """The script entry point: `app.run` with the study's flags."""
-    from resnet_jax import config_utils
+    from resnet_jax import cli
 
     def parse_or_exit(argv: Sequence[str]) -> list[str]:
         try:
             return parse_flags(argv)
         except SweepError as error:
-            config_utils.exit_with_message(str(error))
+            cli.exit_with_message(str(error))
 
-    config_utils.quiet_library_info()
+    cli.quiet_library_info()
     app.run(lambda argv: _run_or_exit(study), flags_parser=parse_or_exit)
 
 
@@ -204,16 +202,16 @@ def main(study: Study, argv: Sequence[str]) -> list[ArmResult]:
 def _run_or_exit(study: Study) -> None:
     """`run`, where a mistake the user can fix ends in its message and exit status 1, and a
     SIGINT/SIGTERM (the trainer saves a checkpoint first) in 128 + the signal's number."""
-    from resnet_jax import config_utils, train
+    from resnet_jax import cli, loop
 
     try:
         run(study)
-    except train.Interrupted as stopped:
+    except loop.Interrupted as stopped:
         print(f"{stopped} Rerun the same command to resume the sweep.", file=sys.stderr)
         sys.exit(128 + stopped.signum)
     except ValueError as error:
-        if isinstance(error, SweepError) or config_utils.is_user_error(error):
-            config_utils.exit_with_message(str(error))
+        if isinstance(error, SweepError) or cli.is_user_error(error):
+            cli.exit_with_message(str(error))
         raise
 
 
@@ -460,7 +458,7 @@ def _check_workdir(workdir: Path, config: Any) -> None:
 
 
 def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
-    from resnet_jax import train  # imports JAX and TensorFlow: only when something trains
+    from resnet_jax import loop, train  # import JAX and TensorFlow: only when something trains
 
     workdir.mkdir(parents=True, exist_ok=True)
     stored = workdir / ARM_FILE
@@ -478,7 +476,7 @@ def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
     stored.write_text(json.dumps(record, indent=2) + "\n")
     try:
         train.train_and_evaluate(config, str(workdir))
-    except train.DivergedError as error:
+    except loop.DivergedError as error:
         # A result of the study (e.g. too high a learning rate), not a failure of the sweep.
         print(f"{arm.name} diverged: {error}")
         record.update(diverged=str(error), diverged_epoch=error.epoch)

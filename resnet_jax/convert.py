@@ -24,7 +24,7 @@ import safetensors.numpy
 from absl import app, flags
 from flax import traverse_util
 
-from resnet_jax import config_utils, models
+from resnet_jax import cli, models
 
 ARCHS: tuple[str, ...] = tuple(models.IMAGENET_FAMILY)
 # torchvision's IMAGENET1K_V1 weights (the original recipe; V2 exists for resnet50/101/152).
@@ -386,5 +386,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    config_utils.quiet_library_info()
+    cli.quiet_library_info()
     app.run(main)

@@ -17,9 +17,10 @@ import ml_collections
 import optax
 from absl import flags, logging
 
-from resnet_jax import checkpoint, config_utils, parallel, reporting, train
+from resnet_jax import builders, checkpoint, cli, config_utils, loop, parallel, reporting
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
+from resnet_jax.workdir import chosen_checkpoint
 
 
 def find_checkpoint(
@@ -49,7 +50,7 @@ def find_checkpoint(
     checkpoints = checkpoint.Checkpoints(directory)
     if checkpoints.latest_step() is None:
         raise ConfigError(f"{directory} has no finished checkpoint yet: train longer first.")
-    step, why = train.chosen_checkpoint(checkpoints)
+    step, why = chosen_checkpoint(checkpoints)
     return checkpoints, step, why
 
 
@@ -68,8 +69,8 @@ def eval_state(
     image_shape: tuple[int, int, int],
 ) -> ts.TrainState:
     """A state holding only what evaluation needs: the model, its variables, the preprocessing."""
-    model = train.build_model(config, num_classes)
-    preprocess, input_shape = train.build_preprocess(config, image_shape)
+    model = builders.build_model(config, num_classes)
+    preprocess, input_shape = builders.build_preprocess(config, image_shape)
     return ts.create(
         model,
         optax.identity(),  # no optimizer state: the restored variables are all there is
@@ -88,7 +89,7 @@ def evaluate_checkpoint(
     try:
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
-        dataset = train.load_dataset(config)
+        dataset = builders.load_dataset(config)
         variables = checkpoints.restore_variables(step)
     finally:
         checkpoints.close()
@@ -97,9 +98,9 @@ def evaluate_checkpoint(
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
     state = par.place_state(eval_state(config, variables, dataset.num_classes, dataset.image_shape))
     logging.info("Testing %s's checkpoint at step %d (%s).", config.model.name, step, why)
-    evaluation = train.evaluate(par.compile_eval_step(), state, dataset.test, par, batch_size)
+    evaluation = loop.evaluate_split(par.compile_eval_step(), state, dataset.test, par, batch_size)
     return {
-        **train.summarize_test(evaluation, dataset.class_names),
+        **loop.summarize_test(evaluation, dataset.class_names),
         "checkpoint_step": step,
         "checkpoint_epoch": meta["epoch"],
         "checkpoint_selection": why,
@@ -159,4 +160,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    config_utils.run_cli(main)
+    cli.run_cli(main)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from resnet_jax import config_utils, evaluate
+from resnet_jax import cli, evaluate
 from resnet_jax.config_utils import ConfigError
 
 
@@ -97,4 +97,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    config_utils.run_cli(main)
+    cli.run_cli(main)

@@ -13,11 +13,13 @@ import contextlib
 import fcntl
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,11 @@ from tests.fake_cifar import prepare_fake_cifar10
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 300
+
+
+def load_recipe(name: str) -> Any:
+    """configs/<name>.py's `get_config()`, loaded by path as the command line loads it."""
+    return runpy.run_path(str(REPO_ROOT / "configs" / f"{name}.py"))["get_config"]()
 
 
 @contextlib.contextmanager

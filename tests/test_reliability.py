@@ -391,8 +391,8 @@ def test_more_config_mistakes_are_explained(train_cli, tmp_path, override, fragm
 def test_a_config_file_of_the_wrong_types_is_explained(train_cli, tmp_path):  # noqa: F811
     config = tmp_path / "mine.py"
     config.write_text(
-        "from configs import default\n\n\ndef get_config():\n"
-        "    config = default.get_config()\n    config.batch_size = '128'\n    return config\n"
+        "from resnet_jax import base_config\n\n\ndef get_config():\n"
+        "    config = base_config.get_config()\n    config.batch_size = '128'\n    return config\n"
     )
     code, stderr = train_cli(f"--config={config}", f"--workdir={tmp_path / 'run'}")
     assert_explained(

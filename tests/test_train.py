@@ -1,13 +1,15 @@
 """The trainer in this process: configs, what a config builds, and every user error's message.
 
-Errors go through the real command line (`config_utils.run_cli(train.main, argv)`): each must end
+Errors go through the real command line (`cli.run_cli(train.main, argv)`): each must end
 in one paragraph naming the problem and the fix, exit status 1, and no traceback.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import json
+import re
 import sys
 
 import jax
@@ -16,17 +18,10 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 
-from resnet_jax import checkpoint, config_utils, models, optim, train
-from tests.conftest import REPO_ROOT
+from resnet_jax import builders, checkpoint, cli, config_utils, models, optim, train
+from tests.conftest import REPO_ROOT, load_recipe
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
-
-
-def load_config(name: str):
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # configs import each other as `from configs import`
-    module = __import__(f"configs.{name}", fromlist=["get_config"])
-    return module.get_config()
 
 
 # --- Configs -----------------------------------------------------------------------------------
@@ -34,55 +29,138 @@ def load_config(name: str):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_resolves_and_says_what_it_aims_at(name):
-    config = config_utils.resolve(load_config(name))
+    config = config_utils.resolve(load_recipe(name))
     assert (
         config_utils.flatten(config).keys()
         == config_utils.flatten(config_utils.default_config()).keys()
     )
     docstring = ast.get_docstring(ast.parse((REPO_ROOT / "configs" / f"{name}.py").read_text()))
-    assert "%" in docstring or name == "default"  # the accuracy it aims at / the published figure
+    assert "%" in docstring  # the accuracy it aims at / the published figure
 
 
-def test_default_comments_every_key():
-    lines = (REPO_ROOT / "configs" / "default.py").read_text().splitlines()
+def test_the_base_config_explains_every_key():
+    lines = (REPO_ROOT / "resnet_jax" / "base_config.py").read_text().splitlines()
     for key in config_utils.flatten(config_utils.default_config()):
         section, _, leaf = key.rpartition(".")
+        if section in optim.SECTIONS:  # explained by optim's registry: see the test below
+            assert optim.config_options(section)[leaf].help, key
+            continue
         assignment = f"{section or 'config'}.{leaf} = "
         index = next(i for i, line in enumerate(lines) if line.strip().startswith(assignment))
         assert "#" in lines[index] or lines[index - 1].strip().startswith("#"), key
 
 
+def _bad_values(option: optim.Option) -> list:
+    """Values of the option's type that its limit refuses."""
+    if isinstance(option.default, tuple):
+        candidates = [(0,), (-1.0,), (2, 1), (3, 3)]
+    else:
+        candidates = [-1, -0.5, 0, 1, 1.5, 200, 1e9]
+        candidates = [type(option.default)(v) for v in candidates]
+    _, holds = option.limit
+    return [value for value in candidates if not holds(value)]
+
+
+@pytest.mark.parametrize("section", list(optim.SECTIONS))
+def test_every_registered_option_is_in_the_base_config_and_validated(section):
+    defaults = config_utils.default_config()[section]
+    options = optim.config_options(section)
+    assert set(defaults) == set(options)  # the section is the registry's, nothing else
+    for key, option in options.items():
+        assert defaults[key] == option.default and option.help, key
+        # One Option per key, however many names share it.
+        assert all(o is option for o in _registered(section) if o.key == key), key
+        if option.limit is None:
+            assert f"{section}.{key}" not in config_utils.LIMITS
+            continue
+        assert config_utils.LIMITS[f"{section}.{key}"] == option.limit
+        bad = _bad_values(option)
+        assert bad, f"{key}: its limit refuses none of the test values"
+        for value in bad:
+            with pytest.raises(config_utils.ConfigError, match="must be") as info:
+                config_utils.resolve({section: {key: value}})
+            assert option.limit[0] in str(info.value), (key, value)
+    name_key = f"{section}.name"
+    assert config_utils.CHOICES[name_key] == tuple(optim.SECTIONS[section][1])
+    with pytest.raises(config_utils.ConfigError, match=f"{name_key} = 'lamb' is not one of"):
+        config_utils.resolve({section: {"name": "lamb"}})
+
+
+def _registered(section: str) -> list[optim.Option]:
+    common, specs = optim.SECTIONS[section]
+    return [*common, *(o for spec in specs.values() for o in spec.options)]
+
+
+def test_each_registered_name_builds_from_its_config_options():
+    for name, spec in optim.OPTIMIZERS.items():
+        # An optimizer's config options are exactly the keyword arguments of its build.
+        parameters = inspect.signature(spec.build).parameters.values()
+        keywords = {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
+        assert keywords == {option.key for option in spec.options}, name
+        config = config_utils.resolve({"optimizer": {"name": name}})
+        builders.build_optimizer(config, 0.1, frozen_stages=-1)
+    for name in optim.SCHEDULES:
+        # A schedule's epoch-based options become steps that make_schedule takes.
+        config = config_utils.resolve({"schedule": {"name": name}, "num_epochs": 10})
+        schedule = builders.build_schedule(config, builders.make_plan(config, 1000))
+        assert float(schedule(0)) == pytest.approx(0.1), name
+
+
+def test_options_of_another_optimizer_or_schedule_are_logged_as_ignored():
+    config = config_utils.resolve(
+        {"optimizer": {"name": "adam", "momentum": 0.5, "b1": 0.8},
+         "schedule": {"name": "cosine", "decay_rate": 0.5, "final_lr_fraction": 0.1}}
+    )  # fmt: skip
+    assert builders.ignored_options(config, "optimizer") == ["optimizer.momentum=0.5"]
+    assert builders.ignored_options(config, "schedule") == ["schedule.decay_rate=0.5"]
+
+
+def test_the_readme_names_every_optimizer_and_schedule():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for section, (_, specs) in optim.SECTIONS.items():
+        line = next(line for line in readme.splitlines() if f"{section.capitalize()}s:" in line)
+        assert re.findall(r"`(\w+)`", line.split("(")[0]) == list(specs), section
+
+
+def test_model_kernels_is_a_validated_choice():
+    assert config_utils.default_config().model.kernels == "auto"
+    for kernels in ("auto", "xla", "cpu"):
+        assert config_utils.resolve({"model": {"kernels": kernels}}).model.kernels == kernels
+    with pytest.raises(config_utils.ConfigError, match=r"model\.kernels = 'gpu' is not one of"):
+        config_utils.resolve({"model": {"kernels": "gpu"}})
+
+
 def test_any_config_takes_any_model():
-    config = load_config("r50")
+    config = load_recipe("r50")
     config.model.name = "resnet20"
     assert config_utils.resolve(config).model.name == "resnet20"
 
 
 def test_he_et_al_schedule_is_exact_in_iterations():
-    config = config_utils.resolve(load_config("resnet56"))
-    plan = train.make_plan(config, num_train_examples=45_000)
+    config = config_utils.resolve(load_recipe("resnet56"))
+    plan = builders.make_plan(config, num_train_examples=45_000)
     assert (plan.steps_per_epoch, plan.num_epochs, plan.total_steps) == (351, 183, 64_000)
-    schedule = train.build_schedule(config, plan)
+    schedule = builders.build_schedule(config, plan)
     learning_rates = [float(schedule(step)) for step in (0, 31_999, 32_000, 47_999, 48_000)]
     assert learning_rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
 
-    warmup = train.build_schedule(config_utils.resolve(load_config("resnet110")), plan)
+    warmup = builders.build_schedule(config_utils.resolve(load_recipe("resnet110")), plan)
     assert float(warmup(0)) == 0.0 and float(warmup(351)) == pytest.approx(0.1)
 
 
 def test_learning_rate_is_per_128_images_and_scales_with_the_batch():
-    config = config_utils.resolve(load_config("r50"))
+    config = config_utils.resolve(load_recipe("r50"))
     config.batch_size = 512
-    assert train.peak_learning_rate(config) == pytest.approx(0.4)
-    plan = train.make_plan(config, num_train_examples=45_000)
-    schedule = train.build_schedule(config, plan)
+    assert builders.peak_learning_rate(config) == pytest.approx(0.4)
+    plan = builders.make_plan(config, num_train_examples=45_000)
+    schedule = builders.build_schedule(config, plan)
     warmup_steps = 5 * plan.steps_per_epoch
     assert float(schedule(warmup_steps)) == pytest.approx(0.4)
 
 
 def test_num_steps_cuts_the_last_epoch():
     config = config_utils.resolve({"num_steps": 100, "batch_size": 10})
-    plan = train.make_plan(config, num_train_examples=95)
+    plan = builders.make_plan(config, num_train_examples=95)
     assert (plan.steps_per_epoch, plan.num_epochs, plan.total_steps) == (9, 12, 100)
 
 
@@ -108,7 +186,7 @@ def test_normalization_statistics(normalization, pretrained, dataset, expected, 
     )
     from resnet_jax import augment
 
-    mean, std = train.normalization_stats(config)
+    mean, std = builders.normalization_stats(config)
     assert (mean, std) == (
         getattr(augment, f"{expected}_MEAN"),
         getattr(augment, f"{expected}_STD"),
@@ -125,10 +203,10 @@ def tiny_config(**sections):
 def test_options_another_family_or_optimizer_has_are_ignored_with_a_warning(caplog):
     config = tiny_config(model={"name": "resnet20", "width": 4, "stem": "imagenet"})
     config.optimizer.b1 = 0.5  # an adam option, with sgd
-    model = train.build_model(config, num_classes=10)
+    model = builders.build_model(config, num_classes=10)
     assert model.stem == "cifar"
-    schedule = train.build_schedule(config, train.make_plan(config, 1000))
-    train.build_optimizer(config, schedule, frozen_stages=-1)
+    schedule = builders.build_schedule(config, builders.make_plan(config, 1000))
+    builders.build_optimizer(config, schedule, frozen_stages=-1)
     assert "Ignoring model.stem='imagenet'" in caplog.text
     assert "Ignoring options of other optimizers: optimizer.b1=0.5" in caplog.text
 
@@ -136,14 +214,14 @@ def test_options_another_family_or_optimizer_has_are_ignored_with_a_warning(capl
 @pytest.mark.parametrize(("freeze", "stages"), [("none", -1), ("0", 0), ("2", 2), ("backbone", 3)])
 def test_freeze_names_the_frozen_stages(freeze, stages):
     config = tiny_config(model={"name": "resnet20", "width": 4, "freeze": freeze})
-    assert train.build_model(config, num_classes=10).frozen_stages == stages
+    assert builders.build_model(config, num_classes=10).frozen_stages == stages
 
 
 def test_frozen_stages_get_no_updates():
     config = tiny_config(model={"name": "resnet20", "width": 4, "freeze": "1"})
-    model = train.build_model(config, num_classes=10)
-    schedule = train.build_schedule(config, train.make_plan(config, 1000))
-    tx = train.build_optimizer(config, schedule, model.frozen_stages)
+    model = builders.build_model(config, num_classes=10)
+    schedule = builders.build_schedule(config, builders.make_plan(config, 1000))
+    tx = builders.build_optimizer(config, schedule, model.frozen_stages)
     shapes = models.init_shapes(model, (1, 32, 32, 3))["params"]
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
     updates, _ = tx.update(params, tx.init(params), params)  # gradients of ones
@@ -162,9 +240,9 @@ def test_pretrained_weights_are_loaded_where_they_fit(tmp_path):
     config = config_utils.resolve(
         {"model": {"name": "resnet18", "stem": "imagenet", "pretrained": str(path)}}
     )
-    model = train.build_model(config, num_classes=10)
-    _, input_shape = train.build_preprocess(config, (32, 32, 3))
-    variables = train.pretrained_variables(config, model, input_shape)
+    model = builders.build_model(config, num_classes=10)
+    _, input_shape = builders.build_preprocess(config, (32, 32, 3))
+    variables = builders.pretrained_variables(config, model, input_shape)
     weights = torch.load(path)
     np.testing.assert_array_equal(
         variables["params"]["conv1"]["kernel"],
@@ -208,7 +286,7 @@ def train_cli(monkeypatch, capsys):
         _remove_flags([n for n in flags.FLAGS if n.startswith("config.")])  # a previous run's
         flags.FLAGS.unparse_flags()
         with pytest.raises(SystemExit) as exit_info:
-            config_utils.run_cli(train.main, argv)
+            cli.run_cli(train.main, argv)
         return exit_info.value.code, capsys.readouterr().err
 
     yield run
@@ -266,6 +344,15 @@ def test_config_mistakes_are_explained(train_cli, tmp_path, override, fragments)
     args = ["--config=configs/r50.py", f"--workdir={tmp_path}", override]
     code, stderr = train_cli(*args)
     assert_explained(code, stderr, *fragments)
+
+
+def test_a_recipe_that_imports_the_old_configs_package_is_explained(train_cli, tmp_path):
+    recipe = tmp_path / "old.py"  # configs/default.py is now the package's base_config
+    recipe.write_text("from configs import default\n\n\ndef get_config():\n    return None\n")
+    code, stderr = train_cli(f"--config={recipe}", f"--workdir={tmp_path / 'run'}")
+    assert_explained(
+        code, stderr, "Cannot load the config file", "from resnet_jax import base_config"
+    )
 
 
 def test_all_problems_are_reported_at_once(train_cli, tmp_path):
@@ -359,13 +446,6 @@ def test_without_a_validation_split_epochs_are_tested_and_the_last_checkpoint_re
     assert results["checkpoint_selection"].startswith("latest")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "test_accuracy" in records[-1] and "val_accuracy" not in records[-1]
-
-
-def test_optim_names_match_the_config_keys():
-    defaults = config_utils.default_config()
-    for options in optim.OPTIMIZER_OPTIONS.values():
-        assert set(options) <= set(defaults.optimizer)
-    assert set(train.SCHEDULE_KEYS) == set(optim.SCHEDULE_NAMES)
 
 
 @pytest.mark.parametrize(

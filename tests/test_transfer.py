@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from resnet_jax import checkpoint, config_utils, convert, models, train
-from tests.conftest import REPO_ROOT, run_module
+from resnet_jax import builders, checkpoint, config_utils, convert, models, train
+from tests.conftest import REPO_ROOT, load_recipe, run_module
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 CLASSES = ("cats", "dogs")
-
-
-def load_config(name: str):
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # configs import each other as `from configs import`
-    module = __import__(f"configs.{name}", fromlist=["get_config"])
-    return module.get_config()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def two_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def transfer_config(pretrained: Path, data: Path, cache_dir: Path, **model: Any):
     """configs/r34_transfer.py at test scale: ResNet-18, 24x24 images resized on device to 32."""
-    config = load_config("r34_transfer")
+    config = load_recipe("r34_transfer")
     config.model.name = "resnet18"
     config.model.pretrained = str(pretrained)
     config.model.update(model)
@@ -93,9 +85,9 @@ def transfer_config(pretrained: Path, data: Path, cache_dir: Path, **model: Any)
 
 def start_variables(config) -> dict[str, Any]:
     """The variables the trainer starts from: the weights loaded into its fresh init."""
-    model = train.build_model(config, num_classes=len(CLASSES))
-    _, input_shape = train.build_preprocess(config, (24, 24, 3))
-    return train.pretrained_variables(config, model, input_shape)
+    model = builders.build_model(config, num_classes=len(CLASSES))
+    _, input_shape = builders.build_preprocess(config, (24, 24, 3))
+    return builders.pretrained_variables(config, model, input_shape)
 
 
 def final_variables(workdir: Path) -> dict[str, Any]:
@@ -171,7 +163,7 @@ def test_freezing_the_first_stage_keeps_the_stem_and_stage_1_and_trains_the_rest
 
 
 def test_the_transfer_configs_resolve_and_wire_pretrained_inputs():
-    transfer = config_utils.resolve(load_config("r34_transfer"))
+    transfer = config_utils.resolve(load_recipe("r34_transfer"))
     assert (transfer.model.name, transfer.model.stem, transfer.model.freeze) == (
         "resnet34",
         "imagenet",
@@ -182,17 +174,17 @@ def test_the_transfer_configs_resolve_and_wire_pretrained_inputs():
         "cosine",
         20,
     )
-    assert train.build_model(transfer, num_classes=2).frozen_stages == 4  # all four stages
-    assert train.normalization_stats(transfer)[0] == pytest.approx((0.485, 0.456, 0.406))
+    assert builders.build_model(transfer, num_classes=2).frozen_stages == 4  # all four stages
+    assert builders.normalization_stats(transfer)[0] == pytest.approx((0.485, 0.456, 0.406))
 
-    finetune = config_utils.resolve(load_config("r50_finetune"))
+    finetune = config_utils.resolve(load_recipe("r50_finetune"))
     assert (finetune.model.name, finetune.model.stem, finetune.model.freeze) == (
         "resnet50",
         "imagenet",
         "none",
     )
-    assert train.normalization_stats(finetune)[0] == pytest.approx((0.485, 0.456, 0.406))
-    _, input_shape = train.build_preprocess(finetune, (32, 32, 3))
+    assert builders.normalization_stats(finetune)[0] == pytest.approx((0.485, 0.456, 0.406))
+    _, input_shape = builders.build_preprocess(finetune, (32, 32, 3))
     assert input_shape == (1, 224, 224, 3)  # CIFAR-10 resized on the device
     for name in ("r34_transfer", "r50_finetune"):
         assert "resnet_jax.convert" in (REPO_ROOT / "configs" / f"{name}.py").read_text()

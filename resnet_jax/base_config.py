@@ -1,7 +1,8 @@
 """The base configuration: every key the trainer reads, with what it means and its default.
 
-The other configs import this one and override what their recipe changes. Any key can also be
-overridden on the command line, e.g.
+The recipes in configs/ start from it (`from resnet_jax import base_config`) and override what
+their recipe changes, so a recipe copied anywhere works. Any key can also be overridden on the
+command line, e.g.
 
     python -m resnet_jax.train --config configs/r50.py --workdir workdir/r50_adam \
         --config.optimizer.name=adam --config.optimizer.learning_rate=1e-3
@@ -11,6 +12,8 @@ steps_per_epoch = train examples // batch_size, so a recipe keeps its shape at a
 """
 
 import ml_collections
+
+from resnet_jax import optim
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     # What does not train: "none", "backbone" (everything but the head), or "k" for the stem and
     # the first k stages (e.g. "2"). Frozen BN layers keep their running statistics.
     model.freeze = "none"
+    # Which kernels run the model: "auto" = the CPU kernel plug-in only on one CPU device, plain
+    # Flax elsewhere; "xla" = plain Flax always; "cpu" = the CPU kernels.
+    model.kernels = "auto"
 
     config.dataset = dataset = ml_collections.ConfigDict()
     # "cifar10", any tfds image-classification dataset, or "folder:/path" (train/ test/ [val/]).
@@ -57,32 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
     # a dataset other than CIFAR-10, CIFAR-10's otherwise).
     augment.normalization = "auto"
 
-    config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.name = "sgd"  # sgd, adam, adamw or rmsprop
-    # The peak learning rate for a batch of 128 images: the run uses
-    # learning_rate * batch_size / 128 (linear scaling), and logs the rate it uses.
-    optimizer.learning_rate = 0.1
-    optimizer.momentum = 0.9  # sgd and rmsprop; 0 = none
-    optimizer.nesterov = False  # sgd: Nesterov momentum
-    optimizer.weight_decay = 5e-4  # L2 added to the gradient (decoupled for adamw)
-    optimizer.decay_all_params = False  # False: weight decay on conv/dense kernels only, not BN
-    optimizer.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 = no clipping
-    optimizer.b1 = 0.9  # adam and adamw: first-moment decay
-    optimizer.b2 = 0.999  # adam and adamw: second-moment decay
-    optimizer.eps = 1e-8  # adam, adamw and rmsprop: denominator epsilon
-    optimizer.decay = 0.9  # rmsprop: decay of the squared-gradient average
-    optimizer.centered = False  # rmsprop: divide by the gradient's variance, not its raw moment
-
-    config.schedule = schedule = ml_collections.ConfigDict()
-    schedule.name = "cosine"  # constant, cosine, step, exponential or time_based
-    schedule.warmup_epochs = 0.0  # linear warmup from 0 to the peak rate; the decay follows it
-    schedule.final_lr_fraction = 0.0  # cosine: the last rate as a fraction of the peak
-    # step: epochs at which the rate is multiplied by decay_factor; () = at 50% and 75% of training.
-    schedule.boundaries_epochs = ()
-    schedule.decay_factor = 0.1  # step: the factor at each boundary
-    schedule.decay_rate = 0.1  # exponential: the rate is multiplied by this every decay_epochs
-    schedule.decay_epochs = 0.0  # exponential: see decay_rate; 0 = the whole run
-    schedule.decay_per_epoch = 0.05  # time_based: rate = peak / (1 + decay_per_epoch * epoch)
+    # The optimizer and the learning-rate schedule: their names, options, defaults, meanings and
+    # limits are defined once, in resnet_jax/optim.py (OPTIMIZERS, SCHEDULES).
+    for section in ("optimizer", "schedule"):
+        options = optim.config_options(section).values()
+        config[section] = ml_collections.ConfigDict({o.key: o.default for o in options})
 
     config.batch_size = 128  # global batch: over all devices and hosts
     config.eval_batch_size = 512  # global batch for evaluation (no gradients, so it can be larger)

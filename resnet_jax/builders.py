@@ -1,0 +1,288 @@
+"""From a config to the objects of a run: dataset, plan, model, preprocessing, schedule,
+optimizer, state and pretrained weights, and the compiled steps.
+
+Training, evaluation, prediction and the experiments all build what they need from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from resnet_jax import augment, cli, config_utils, data, models, optim, parallel
+from resnet_jax import train_state as ts
+from resnet_jax.config_utils import ConfigError
+
+REFERENCE_BATCH_SIZE = 128  # optimizer.learning_rate is the rate for this many images
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` ("" turns it off)."""
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # The default (1 s) would skip small models' steps; tiny helper jits stay out at 0.1 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
+    """The config's dataset with its splits in host memory."""
+    return data.load(
+        config.dataset.name,
+        config.dataset.data_dir or None,
+        image_size=config.dataset.image_size or None,
+        val_fraction=config.dataset.val_fraction,
+        seed=config.seed,
+        verify_checksums=config.dataset.verify_checksums,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long a run is, in the reports' terms: an epoch is train examples // batch size steps."""
+
+    num_train_examples: int
+    batch_size: int
+    steps_per_epoch: int
+    num_epochs: int
+    total_steps: int
+
+
+def make_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Plan:
+    """Epochs and steps: num_steps > 0 overrides num_epochs, cutting the last epoch short."""
+    steps_per_epoch = data.steps_per_epoch(num_train_examples, config.batch_size)
+    total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+    return Plan(
+        num_train_examples=num_train_examples,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=math.ceil(total_steps / steps_per_epoch),
+        total_steps=total_steps,
+    )
+
+
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
+) -> models.ResNet:
+    """The config's ResNet; options that its family does not have are logged and ignored."""
+    name = config.model.name
+    has_stem_choice = name in models.IMAGENET_FAMILY
+    if not has_stem_choice and config.model.stem != "cifar":
+        logging.warning(
+            "Ignoring model.stem=%r: %s always has He et al.'s 3x3 CIFAR stem.",
+            config.model.stem,
+            name,
+        )
+    num_stages = models.num_stages(models.get_model(name))
+    return models.get_model(
+        name,
+        num_classes,
+        stem=config.model.stem if has_stem_choice else None,
+        shortcut=config.model.shortcut or None,
+        residual=config.model.residual,
+        width=config.model.width or None,
+        zero_init_residual=config.model.zero_init_residual,
+        frozen_stages=config_utils.frozen_stages(config, num_stages),
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+        axis_name=axis_name,
+    )
+
+
+def normalization_stats(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], ...]:
+    """(mean, std) per channel: CIFAR-10's for CIFAR-10 from scratch, ImageNet's for pretrained
+    weights (which expect them) and other datasets, unless augment.normalization names one."""
+    choice = config.augment.normalization
+    if choice == "auto":
+        from_scratch_on_cifar10 = config.dataset.name == "cifar10" and not config.model.pretrained
+        choice = "cifar10" if from_scratch_on_cifar10 else "imagenet"
+    if choice == "cifar10":
+        return augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    return augment.IMAGENET_MEAN, augment.IMAGENET_STD
+
+
+def build_preprocess(
+    config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]
+) -> tuple[augment.Preprocess, tuple[int, ...]]:
+    """The on-device augment + normalize function, and the model input shape it produces."""
+    height, width, channels = image_shape
+    options = config.augment
+    if channels != 3:
+        raise ConfigError(
+            f"The images of {config.dataset.name} have {channels} channel(s), but the models and "
+            "the normalization statistics are RGB: use an RGB dataset (image folders are "
+            "converted to RGB on load)."
+        )
+    if options.crop_size > min(height, width) + 2 * options.crop_padding:
+        raise ConfigError(
+            f"augment.crop_size = {options.crop_size} is larger than the {height}x{width} images "
+            f"padded by augment.crop_padding = {options.crop_padding}: set crop_size to at most "
+            f"{min(height, width) + 2 * options.crop_padding} (or 0 for the image size)."
+        )
+    mean, std = normalization_stats(config)
+    preprocess = augment.make_preprocess(
+        mean=mean,
+        std=std,
+        crop_padding=options.crop_padding,
+        crop_size=options.crop_size or None,
+        flip=options.flip,
+        rotation=options.rotation,
+        cutout_size=options.cutout,
+        resize_to=options.resize_to or None,
+    )
+    images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.uint8)
+    return preprocess, jax.eval_shape(preprocess, images).shape
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """optimizer.learning_rate, scaled linearly from a batch of 128 to the run's batch size."""
+    return config.optimizer.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
+
+
+def ignored_options(config: ml_collections.ConfigDict, section: str) -> list[str]:
+    """`section.key=value` for each option of the other optimizers (or schedules) than the one
+    the config names that was changed from its default: a user should see it had no effect."""
+    common, specs = optim.SECTIONS[section]
+    chosen = config[section]
+    used = {option.key for option in (*common, *specs[chosen.name].options)}
+    return [
+        f"{section}.{key}={chosen[key]!r}"
+        for key, option in sorted(optim.config_options(section).items())
+        if key not in used and chosen[key] != option.default
+    ]
+
+
+def build_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optim.Schedule:
+    """The learning-rate schedule, with the config's epochs converted to steps."""
+    options, steps_per_epoch = config.schedule, plan.steps_per_epoch
+    peak = peak_learning_rate(config)
+    ignored = ignored_options(config, "schedule")
+    if ignored:
+        logging.warning("Ignoring options of other schedules: %s.", ", ".join(ignored))
+    warmup_steps = round(options.warmup_epochs * steps_per_epoch)
+    if warmup_steps >= plan.total_steps:
+        raise ConfigError(
+            f"schedule.warmup_epochs = {options.warmup_epochs} ({warmup_steps} steps) covers the "
+            f"whole run of {plan.total_steps} steps: lower it below "
+            f"{plan.total_steps / steps_per_epoch:g} epochs."
+        )
+    in_steps = optim.SCHEDULES[options.name].to_steps(options, peak, steps_per_epoch)
+    return optim.make_schedule(
+        options.name, peak, plan.total_steps, warmup_steps=warmup_steps, **in_steps
+    )
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, schedule: optim.Schedule, frozen_stages: int
+) -> optax.GradientTransformation:
+    """The optimizer; with frozen stages, their parameters get no updates and no state."""
+    options = config.optimizer
+    ignored = ignored_options(config, "optimizer")
+    if ignored:
+        logging.warning("Ignoring options of other optimizers: %s.", ", ".join(ignored))
+    tx = optim.make_optimizer(
+        options.name,
+        schedule,
+        weight_decay=options.weight_decay,
+        decay_all_params=options.decay_all_params,
+        grad_clip_norm=options.grad_clip_norm,
+        **{option.key: options[option.key] for option in optim.OPTIMIZERS[options.name].options},
+    )
+    if frozen_stages < 0:
+        return tx
+
+    def is_frozen(path: tuple[str, ...]) -> bool:
+        stage = models.stage_of(path)
+        return stage is not None and stage <= frozen_stages  # the head (None) always trains
+
+    return optim.freeze(tx, is_frozen)
+
+
+def pretrained_variables(
+    config: ml_collections.ConfigDict, model: models.ResNet, input_shape: tuple[int, ...]
+) -> dict[str, Any] | None:
+    """The variables to start from: model.pretrained's weights where they fit (None: scratch)."""
+    if not config.model.pretrained:
+        return None
+    from resnet_jax import convert  # reads torch files; not needed otherwise
+
+    # Layers the weights do not cover (e.g. a head for another number of classes) keep this init.
+    init = jax.jit(functools.partial(model.init, train=False))
+    fresh = init(jax.random.key(config.seed), jnp.zeros(input_shape, jnp.float32))
+    try:
+        variables, report = convert.load_pretrained(
+            fresh, config.model.pretrained, config.model.name
+        )
+    except Exception as error:  # torch/safetensors' own errors for a file that is not weights
+        if cli.is_user_error(error):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"Cannot read model.pretrained = {config.model.pretrained!r} ({type(error).__name__}: "
+            f"{reason}). Give a torchvision .pth or .safetensors file, or a `python -m "
+            'resnet_jax.convert` output directory; "" trains from scratch.'
+        ) from None
+    logging.info("%s", report.summary())
+    return variables
+
+
+def create_state(
+    config: ml_collections.ConfigDict,
+    model: models.ResNet,
+    tx: optax.GradientTransformation,
+    schedule: optim.Schedule,
+    preprocess: augment.Preprocess,
+    input_shape: tuple[int, ...],
+    variables: dict[str, Any] | None = None,
+) -> ts.TrainState:
+    """A TrainState on the host: `variables`, or a fresh initialization from config.seed."""
+    return ts.create(
+        model,
+        tx,
+        jax.random.key(config.seed),
+        input_shape,
+        variables=variables,
+        preprocess=preprocess,
+        label_smoothing=config.label_smoothing,
+        learning_rate_fn=schedule,
+    )
+
+
+def compile_steps(
+    par: parallel.Parallel,
+    state: ts.TrainState,
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, ...],
+) -> tuple[Any, Any]:
+    """The train and eval steps compiled ahead of time (from the cache on reruns), timed."""
+    start = time.perf_counter()
+
+    def example_batch(global_size: int, *, with_mask: bool) -> dict[str, jax.Array]:
+        size = global_size // jax.process_count()
+        batch = {
+            "image": np.zeros((size, *image_shape), np.uint8),
+            "label": np.zeros(size, np.int32),
+        }
+        if with_mask:
+            batch["mask"] = np.ones(size, bool)
+        return par.shard_batch(batch)
+
+    train_batch = example_batch(config.batch_size, with_mask=False)
+    eval_batch = example_batch(config.eval_batch_size, with_mask=True)
+    train_step = par.precompile(par.compile_train_step(), state, train_batch)
+    eval_step = par.precompile(par.compile_eval_step(), state, eval_batch)
+    logging.info("Compiled the train and eval steps in %.1f s.", time.perf_counter() - start)
+    return train_step, eval_step

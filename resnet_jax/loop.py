@@ -1,0 +1,409 @@
+"""The training loop: epochs of compiled steps, their metrics, signals, divergence, evaluation
+over a split and checkpoints.
+
+`train(run, state, stop)` runs the epochs still to do; a SIGTERM/SIGINT saves a checkpoint at the
+next step boundary and raises Interrupted; a NaN or infinite loss raises DivergedError with a
+message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from resnet_jax import checkpoint, data, metrics, optim, parallel
+from resnet_jax import train_state as ts
+from resnet_jax.builders import REFERENCE_BATCH_SIZE, Plan, peak_learning_rate
+from resnet_jax.reporting import Reporter
+from resnet_jax.workdir import chosen_checkpoint
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint at `step`."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"Stopped by {signal.Signals(signum).name} at step {step}.")
+        self.signum = signum
+        self.step = step
+
+
+class DivergedError(ValueError):
+    """The training loss or the parameters became NaN or infinite (in `epoch`, 1-based)."""
+
+    def __init__(self, message: str, epoch: int | None = None):
+        super().__init__(message)
+        self.epoch = epoch
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a request to save at the next step boundary and exit.
+
+    A second signal gets the default behaviour back (exit at once; checkpoints on disk are never
+    half-written). With several processes, they agree on stopping only at `sync` points (log
+    steps and epoch ends), where all of them are.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # else Python cannot catch them
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signum = signum
+        self.__exit__()
+        logging.warning(
+            "Got %s: saving a checkpoint at the next step boundary, then exiting (send it "
+            "again to exit at once).",
+            signal.Signals(signum).name,
+        )
+
+    def requested(self, sync: bool) -> bool:
+        """Whether to stop now; `sync` marks points every process reaches together."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if not sync:
+            return False
+        signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        self.signum = self.signum or int(np.max(signums)) or None
+        return self.signum is not None
+
+
+class LossNotFinite(Exception):
+    """The `what` (the training loss, or the variables) was `value` (NaN or inf) at `step`."""
+
+    def __init__(self, what: str, value: float, step: int):
+        super().__init__(what, value, step)
+        self.what, self.value, self.step = what, value, step
+
+
+class TrainMetrics:
+    """Training metrics of the steps since the last log, left on the device until `flush`."""
+
+    def __init__(self, fetch: Any, reporter: Reporter, plan: Plan, bar: tqdm):
+        self._fetch, self._reporter, self._plan, self._bar = fetch, reporter, plan, bar
+        self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+        self._clock = time.perf_counter()
+
+    def start_epoch(self, sums: dict[str, float] | None = None) -> None:
+        """Begin an epoch's means (from a checkpoint's partial sums when resuming mid-epoch)."""
+        self.epoch_sums = dict(sums) if sums else {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+        self._clock = time.perf_counter()  # evaluation time is not training throughput
+
+    def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+        """Keep the metrics of step `step` (0-based) without waiting for the device."""
+        self._pending.append((step, step_metrics))
+
+    def flush(self) -> None:
+        """Fetch the pending metrics (one device sync), check them, log a step record."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        rows = self._fetch([m for _, m in self._pending])
+        self._pending = []
+        losses = np.array([row["loss"] for row in rows], dtype=np.float64)
+        not_finite = np.flatnonzero(~np.isfinite(losses))
+        if not_finite.size:
+            first = not_finite[0]
+            raise LossNotFinite("training loss", float(losses[first]), steps[first] + 1)
+        accuracy = float(np.sum([row["accuracy"] for row in rows]))
+        self.epoch_sums["loss"] += float(losses.sum())
+        self.epoch_sums["accuracy"] += accuracy
+        self.epoch_sums["steps"] += len(rows)
+        now = time.perf_counter()
+        images_per_second = len(rows) * self._plan.batch_size / max(now - self._clock, 1e-9)
+        self._clock = now
+        done = steps[-1] + 1
+        record = {
+            "record": "step",
+            "step": done,
+            "epoch": done / self._plan.steps_per_epoch,
+            "train_loss": float(losses.mean()),
+            "train_accuracy": accuracy / len(rows),
+            "learning_rate": float(rows[-1]["learning_rate"]),
+            "images_per_second": images_per_second,
+        }
+        self._reporter.write(record)
+        self._bar.set_postfix(
+            loss=f"{record['train_loss']:.4f}",
+            acc=f"{record['train_accuracy']:.2%}",
+            lr=f"{record['learning_rate']:.3g}",
+            img_s=f"{images_per_second:,.0f}",
+            refresh=False,
+        )
+
+    def epoch_means(self) -> dict[str, float]:
+        steps = max(self.epoch_sums["steps"], 1)
+        return {
+            "train_loss": self.epoch_sums["loss"] / steps,
+            "train_accuracy": self.epoch_sums["accuracy"] / steps,
+        }
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run is made of, built once from its config."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    par: parallel.Parallel
+    dataset: data.Dataset
+    plan: Plan
+    schedule: optim.Schedule
+    input_shape: tuple[int, ...]
+    checkpoints: checkpoint.Checkpoints
+    reporter: Reporter
+    train_step: Any  # compiled
+    eval_step: Any  # compiled
+
+    @property
+    def eval_split_name(self) -> str:
+        """Where each epoch is evaluated: "val", or "test" when there is no validation split."""
+        return "val" if self.dataset.val is not None else "test"
+
+    @property
+    def eval_split(self) -> data.Split:
+        return self.dataset.val if self.dataset.val is not None else self.dataset.test
+
+
+def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
+    """The epochs still to do: train, evaluate, checkpoint. Returns the final state."""
+    plan = run.plan
+    first_step = int(jax.device_get(run.par.host_state(state).step))
+    resumed_sums = run.checkpoints.meta(first_step)["epoch_train_sums"] if first_step else None
+    bar = tqdm(
+        total=plan.total_steps, initial=first_step, unit="step", dynamic_ncols=True,
+        mininterval=1.0, disable=not parallel.is_main_process(),
+    )  # fmt: skip
+    train_metrics = TrainMetrics(run.par.fetch, run.reporter, plan, bar)
+    try:
+        for epoch in range(first_step // plan.steps_per_epoch, plan.num_epochs):
+            epoch_start = epoch * plan.steps_per_epoch
+            steps = range(
+                max(first_step, epoch_start),
+                min(epoch_start + plan.steps_per_epoch, plan.total_steps),
+            )
+            if not steps:
+                continue  # finished (and evaluated) before a restart
+            mid_epoch = steps.start > epoch_start
+            train_metrics.start_epoch(resumed_sums if mid_epoch else None)
+            bar.set_description(f"epoch {epoch + 1}/{plan.num_epochs}")
+            state, stopped_at = train_epoch(run, state, epoch, steps, train_metrics, bar, stop)
+            if stopped_at is not None:
+                save(run, state, epoch, epoch_train_sums=train_metrics.epoch_sums)
+                raise Interrupted(stop.signum, stopped_at)
+            end_epoch(run, state, epoch, train_metrics.epoch_means(), stop)
+    except LossNotFinite as bad:
+        run.checkpoints.wait()
+        message = diverged_message(bad, run.config, run.checkpoints.latest_step(), plan)
+        raise DivergedError(message, epoch=diverged_epoch(bad, plan)) from None
+    finally:
+        bar.close()
+    return state
+
+
+def train_epoch(
+    run: Run,
+    state: ts.TrainState,
+    epoch: int,
+    steps: range,
+    train_metrics: TrainMetrics,
+    bar: tqdm,
+    stop: StopSignal,
+) -> tuple[ts.TrainState, int | None]:
+    """Run `steps` (0-based) of `epoch`. Returns the state, and the step count it stopped at if a
+    signal asked it to (else None). The epoch's last step never stops: the epoch is evaluated
+    first, so a checkpoint at an epoch's end always carries its validation accuracy."""
+    batches = data.train_batches(
+        run.dataset.train, run.config.batch_size, seed=run.config.seed, epoch=epoch,
+        start_step=steps.start - epoch * run.plan.steps_per_epoch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    for step, batch in zip(steps, batches, strict=False):
+        state, step_metrics = run.train_step(state, run.par.shard_batch(batch))
+        train_metrics.add(step, step_metrics)
+        bar.update(1)
+        log_now = (step + 1) % run.config.log_every_steps == 0
+        if log_now:
+            train_metrics.flush()
+        if step + 1 < steps.stop and stop.requested(sync=log_now):
+            train_metrics.flush()
+            return state, step + 1
+    train_metrics.flush()
+    return state, None
+
+
+def end_epoch(
+    run: Run, state: ts.TrainState, epoch: int, train_means: dict[str, float], stop: StopSignal
+) -> None:
+    """Evaluate, record and log the epoch; checkpoint it when due (or stopping, or last)."""
+    evaluation = evaluate_split(
+        run.eval_step, state, run.eval_split, run.par, run.config.eval_batch_size
+    )
+    step = int(jax.device_get(run.par.host_state(state).step))
+    split = run.eval_split_name
+    record = {
+        "record": "epoch",
+        "step": step,
+        "epoch": epoch + 1,
+        "steps_per_epoch": run.plan.steps_per_epoch,  # the last epoch may be cut short
+        **train_means,
+        f"{split}_loss": evaluation["loss"],
+        f"{split}_accuracy": evaluation["accuracy"],
+        "learning_rate": float(run.schedule(step - 1)),
+    }
+    run.reporter.write(record)
+    run.reporter.plot_curves()
+    with tqdm.external_write_mode():
+        logging.info(
+            "Epoch %d/%d (step %d): train loss %.4f, accuracy %.2f%%; %s loss %.4f, accuracy "
+            "%.2f%%.",
+            epoch + 1, run.plan.num_epochs, step, train_means["train_loss"],
+            100 * train_means["train_accuracy"], split, evaluation["loss"],
+            100 * evaluation["accuracy"],
+        )  # fmt: skip
+    last = step == run.plan.total_steps
+    stopping = stop.requested(sync=True)
+    if last or stopping or (epoch + 1) % run.config.checkpoint_every_epochs == 0:
+        val_accuracy = evaluation["accuracy"] if split == "val" else None
+        save(run, state, epoch + 1, val_accuracy=val_accuracy)
+    if stopping and not last:
+        raise Interrupted(stop.signum, step)
+
+
+def save(
+    run: Run,
+    state: ts.TrainState,
+    epoch: int,
+    *,
+    val_accuracy: float | None = None,
+    epoch_train_sums: dict[str, float] | None = None,
+) -> None:
+    """Start saving `state` (never a NaN one) with what evaluation and prediction need to know.
+
+    `epoch`: the epochs completed; `epoch_train_sums`: a mid-epoch save's partial train sums,
+    so that a resumed epoch reports the same means as an uninterrupted one.
+    """
+    step = int(jax.device_get(run.par.host_state(state).step))
+    if not bool(_all_finite(state.variables)):
+        raise LossNotFinite("parameters or BatchNorm statistics", math.nan, step)
+    meta = {
+        "epoch": epoch,
+        "step": step,
+        "config": run.config.to_dict(),
+        "num_train_examples": run.plan.num_train_examples,
+        "class_names": run.dataset.class_names,
+        "image_shape": list(run.dataset.image_shape),
+        "epoch_train_sums": epoch_train_sums,
+    }
+    run.checkpoints.save(run.par.host_state(state), meta, val_accuracy)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def evaluate_split(
+    eval_step: Any, state: ts.TrainState, split: data.Split, par: parallel.Parallel, batch_size: int
+) -> dict[str, Any]:
+    """Exact loss, accuracy and confusion matrix over a split (sums stay on the device)."""
+    totals = None
+    batches = data.eval_batches(
+        split, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    for batch in batches:
+        out = eval_step(state, par.shard_batch(batch))
+        sums = {key: out[key] for key in ("loss_sum", "correct", "count", "confusion")}
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = par.fetch(totals)
+    count = float(totals["count"])
+    return {
+        "loss": float(totals["loss_sum"]) / count,
+        "accuracy": float(totals["correct"]) / count,
+        "confusion": np.asarray(totals["confusion"], np.int64),
+        "count": int(count),
+    }
+
+
+def summarize_test(evaluation: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """results.json's figures from `evaluate` on the test split."""
+    report = metrics.classification_report(evaluation["confusion"], class_names)
+    return {
+        "test_loss": evaluation["loss"],
+        "test_accuracy": report.pop("accuracy"),
+        "num_test_examples": report.pop("num_examples"),
+        **report,
+    }
+
+
+def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
+    """results.json: the chosen checkpoint's figures on the test split."""
+    run.checkpoints.wait()
+    step, why = chosen_checkpoint(run.checkpoints)
+    state = run.par.place_state(
+        run.checkpoints.restore(step, run.par.restore_target(run.par.host_state(state)))
+    )
+    step = int(jax.device_get(run.par.host_state(state).step))  # an earlier one if it was damaged
+    epoch = run.checkpoints.meta(step)["epoch"]
+    logging.info("Testing the checkpoint at step %d (epoch %d, %s).", step, epoch, why)
+    evaluation = evaluate_split(
+        run.eval_step, state, run.dataset.test, run.par, run.config.eval_batch_size
+    )
+    return {
+        **summarize_test(evaluation, run.dataset.class_names),
+        "checkpoint_step": step,
+        "checkpoint_epoch": epoch,
+        "checkpoint_selection": why,
+        "model": run.config.model.name,
+        "dataset": run.config.dataset.name,
+    }
+
+
+def diverged_epoch(bad: LossNotFinite, plan: Plan) -> int:
+    """The (1-based) epoch of the step at which training diverged."""
+    return (bad.step - 1) // plan.steps_per_epoch + 1
+
+
+def diverged_message(
+    bad: LossNotFinite, config: ml_collections.ConfigDict, latest: int | None, plan: Plan
+) -> str:
+    """One paragraph: where training diverged, what was kept, and what to change."""
+    kept = (
+        f"The last good checkpoint (step {latest}) stays the latest"
+        if latest is not None
+        else "No checkpoint had been saved yet"
+    )
+    return (
+        f"Training diverged: the {bad.what} became {bad.value} at step {bad.step} (epoch "
+        f"{diverged_epoch(bad, plan)}). {kept}, and no results.json was written. "
+        f"Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g} per "
+        f"{REFERENCE_BATCH_SIZE} images, a peak of {peak_learning_rate(config):g}), lengthen "
+        "schedule.warmup_epochs, set optimizer.grad_clip_norm (e.g. 1.0) or turn off "
+        "half_precision, then rerun: the same --workdir resumes from the last good checkpoint."
+    )
