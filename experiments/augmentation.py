@@ -8,10 +8,13 @@ only the training-time augmentation differs:
   flip       random left-right flip
   rotation   random rotation in [-15, 15] degrees
   all        crop + flip + rotation
+  report     one report's pipeline as written: torchvision's RandomCrop(24, padding=4) (the net
+             trains on 24x24 inputs and is tested on the 24x24 centre crop), RandomRotation by
+             [0, 180] degrees (nearest, zero fill) and RandomHorizontalFlip
 
 The crop and the rotation are this script's flags, e.g. a report's 24x24 crops resized back and
 rotations up to 180 degrees: --crop_padding=0 --crop_size=24 --rotation=180 (every arm that
-crops or rotates uses them; the others do neither).
+crops or rotates uses them; the others do neither). The report arm ignores these flags.
 
 Full scale (a GPU: five ResNet-20 runs of 64k iterations):
   python experiments/augmentation.py --data_dir ~/tensorflow_datasets
@@ -47,13 +50,17 @@ def arms() -> list[sweep.Arm]:
     crop_label = f"crop ({crop_name}pad {FLAGS.crop_padding})"
     rotation_label = f"rotation (±{FLAGS.rotation:g}°)"
 
-    def arm(name, label, crop=False, flip=False, rotation=False):
+    def arm(name, label, crop=False, flip=False, rotation=False, **verbatim):
         overrides = {
             "augment.crop_padding": FLAGS.crop_padding if crop else 0,
             "augment.crop_size": FLAGS.crop_size if crop else 0,
+            "augment.resize_crop": True,
             "augment.flip": flip,
             "augment.rotation": FLAGS.rotation if rotation else 0.0,
+            "augment.rotation_from_zero": False,
+            "augment.rotation_interpolation": "bilinear",
         }
+        overrides.update({f"augment.{key}": value for key, value in verbatim.items()})
         return sweep.Arm(name, label, overrides)
 
     return [
@@ -62,7 +69,12 @@ def arms() -> list[sweep.Arm]:
         arm("flip", "flip", flip=True),
         arm("rotation", rotation_label, rotation=True),
         arm("all", "crop + flip + rotation", crop=True, flip=True, rotation=True),
-    ]
+        arm(
+            "report", "report: 24x24 crop (pad 4), rotation 0-180° nearest, flip", flip=True,
+            crop_padding=4, crop_size=24, resize_crop=False, rotation=180.0,
+            rotation_from_zero=True, rotation_interpolation="nearest",
+        ),
+    ]  # fmt: skip
 
 
 STUDY = sweep.Study(

@@ -54,9 +54,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.augment = augment = ml_collections.ConfigDict()
     augment.crop_padding = 4  # zero-pad by this many pixels, then crop randomly (0 = no crop)
-    augment.crop_size = 0  # random crop size, resized back to the image size; 0 = the image size
+    augment.crop_size = 0  # random crop size; 0 = the image size
+    # True: a smaller crop is resized back to the image size (train and eval sizes agree). False:
+    # the model trains at crop_size (torchvision's RandomCrop) and evaluates on the centre crop.
+    augment.resize_crop = True
     augment.flip = True  # random left-right flips
     augment.rotation = 0.0  # random rotation in [-rotation, rotation] degrees; 0 = none
+    augment.rotation_from_zero = False  # rotate by [0, rotation] degrees instead
+    augment.rotation_interpolation = "bilinear"  # or "nearest" (torchvision's RandomRotation)
     augment.cutout = 0  # zero a random square of this size; 0 = none
     augment.resize_to = 0  # resize on the device (train and eval) to this square size; 0 = none
     # Per-channel mean/std: "cifar10", "imagenet", or "auto" (ImageNet's with pretrained weights or

@@ -132,14 +132,23 @@ def build_preprocess(
             f"padded by augment.crop_padding = {options.crop_padding}: set crop_size to at most "
             f"{min(height, width) + 2 * options.crop_padding} (or 0 for the image size)."
         )
+    if not options.resize_crop and options.crop_size > min(height, width):
+        raise ConfigError(
+            f"augment.resize_crop = False trains at augment.crop_size = {options.crop_size} and "
+            f"evaluates on the centre crop of that size, which the {height}x{width} images do "
+            f"not have: set crop_size to at most {min(height, width)}, or resize_crop = True."
+        )
     mean, std = normalization_stats(config)
     preprocess = augment.make_preprocess(
         mean=mean,
         std=std,
         crop_padding=options.crop_padding,
         crop_size=options.crop_size or None,
+        resize_crop=options.resize_crop,
         flip=options.flip,
         rotation=options.rotation,
+        rotation_from_zero=options.rotation_from_zero,
+        rotation_interpolation=options.rotation_interpolation,
         cutout_size=options.cutout,
         resize_to=options.resize_to or None,
     )

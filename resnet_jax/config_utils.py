@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from resnet_jax import base_config, models, optim, parallel
+from resnet_jax import augment, base_config, models, optim, parallel
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.shortcut": ("", *models.SHORTCUTS),
     "model.kernels": KERNELS,
     "augment.normalization": NORMALIZATIONS,
+    "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
     "optimizer.name": optim.OPTIMIZER_NAMES,
     "schedule.name": optim.SCHEDULE_NAMES,
     "parallel": parallel.MODES,

@@ -361,6 +361,10 @@ def test_a_key_the_arms_vary_is_refused_and_the_study_flags_set_it(tmp_path):
     assert settings("crop") == (0, 24, False, 0.0)
     assert settings("rotation") == (0, 0, False, 180.0)
     assert settings("all") == (0, 24, True, 180.0)
+    report = augment["report"]  # report 004's torchvision pipeline, whatever the flags say
+    assert settings("report") == (4, 24, True, 180.0)
+    assert not report.resize_crop and report.rotation_from_zero
+    assert report.rotation_interpolation == "nearest" and augment["all"].resize_crop
 
 
 def test_flag_mistakes_are_explained(tmp_path):

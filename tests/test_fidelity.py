@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import models, train_state
+from resnet_jax import builders, config_utils, models, train_state
 
 
 @pytest.mark.slow
@@ -25,3 +25,17 @@ def test_resnet1202_takes_a_training_step():
     assert np.isfinite(float(metrics["loss"]))
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
     assert all(jax.tree.leaves(moved))  # every layer got a gradient through 600 blocks
+
+
+def test_report_004s_crop_trains_and_evaluates_at_24x24():
+    config = config_utils.resolve(
+        {"augment": {"crop_size": 24, "resize_crop": False, "rotation": 180.0,
+                     "rotation_from_zero": True, "rotation_interpolation": "nearest"}}
+    )  # fmt: skip
+    preprocess, input_shape = builders.build_preprocess(config, (32, 32, 3))
+    assert input_shape == (1, 24, 24, 3)
+    images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+    assert preprocess(images, jax.random.key(0)).shape == (2, 24, 24, 3)
+    config.augment.crop_size = 40
+    with pytest.raises(config_utils.ConfigError, match="centre crop"):
+        builders.build_preprocess(config, (32, 32, 3))
