@@ -3,7 +3,7 @@ best of 5 runs, mean 6.61 +- 0.16%).
 
 resnet20.py's recipe at depth 110, with the paper's warmup: it trains at lr 0.01 until the
 training error falls below 80% (about 400 iterations), then at 0.1. A constant 0.01 phase is not
-one of our schedules, so a linear warmup from 0 to 0.1 over one epoch (351 iterations)
+one of our schedules, so a linear warmup from 0 to 0.1 over one epoch (390 iterations)
 approximates it; both keep the first few hundred steps gentle.
 """
 
@@ -18,5 +18,5 @@ def get_config():
     """ResNet-110 with the paper's CIFAR recipe and ~400 iterations of warmup."""
     config = resnet20["get_config"]()
     config.model.name = "resnet110"
-    config.schedule.warmup_epochs = 1.0  # 351 iterations ~ the paper's ~400 at lr 0.01
+    config.schedule.warmup_epochs = 1.0  # 390 iterations ~ the paper's ~400 at lr 0.01
     return config

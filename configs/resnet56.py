@@ -1,6 +1,7 @@
 """He et al. (2015), §4.2: ResNet-56 on CIFAR-10. Published: 6.97% test error (93.03% accuracy).
 
-resnet20.py's recipe (64k iterations, lr 0.1 /10 at 32k and 48k, 45k/5k split) at depth 56.
+resnet20.py's recipe (64k iterations, lr 0.1 /10 at 32k and 48k, all 50k training images, the
+final model reported) at depth 56.
 """
 
 import runpy

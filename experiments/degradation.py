@@ -7,10 +7,10 @@ until ResNet-1202 (7.93%), which overfits. Every arm uses the paper's recipe (co
 SGD, lr 0.1 /10 at 32k and 48k, 64k iterations, batch 128, crop + flip); the 110- and 1202-layer
 nets add the paper's warmup. Depth 1202 is a ResNet arm only, as in the paper's Table 6.
 
-Each epoch is evaluated on the test split (dataset.val_fraction = 0, training on all 50k images
-as the paper's figure does), so error_curves.png shows training (dashed) and test (solid) error
-against epoch, plain nets left and ResNets right, one colour per depth; error_vs_depth.png gives
-the final test error of both families against depth.
+Each epoch is evaluated on the test split (configs/resnet20.py trains on all 50k images with no
+validation split and reports the final model, as the paper does), so error_curves.png shows
+training (dashed) and test (solid) error against epoch, plain nets left and ResNets right, one
+colour per depth; error_vs_depth.png gives the final test error of both families against depth.
 
   --depths=20,32,44,56 (default; --quick: 20,32)   --depths=20,32,44,56,110,1202 adds 110 and 1202
 
@@ -176,7 +176,6 @@ STUDY = sweep.Study(
     name="degradation",
     title="Plain vs residual nets by depth (He et al. 2015, Fig. 6)",
     base_config="configs/resnet20.py",
-    overrides={"dataset.val_fraction": 0.0},
     arms=arms,
     figures=error_curves,
     full_command="python experiments/degradation.py --data_dir ~/tensorflow_datasets",

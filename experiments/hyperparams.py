@@ -1,7 +1,7 @@
 """Batch size and learning rate: a grid, with the iterations per epoch each batch size gives.
 
 ResNet-20 on CIFAR-10, SGD with momentum 0.9, /10 at 50% and 75% of the run, 100 epochs for every
-arm (so a smaller batch takes more, smaller steps: 45k training images / batch = iterations per
+arm (so a smaller batch takes more, smaller steps: 50k training images / batch = iterations per
 epoch). The learning rate is given per 128 images; the trainer scales it linearly with the batch
 (lr_used = learning_rate * batch_size / 128), as the table's lr_used column shows.
 

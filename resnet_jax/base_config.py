@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0  # cross-entropy label smoothing
     config.checkpoint_every_epochs = 1  # also saved at the end and on SIGTERM/SIGINT
     config.keep_checkpoints = 2  # the latest this many, plus the best by validation accuracy
+    # Which checkpoint results.json tests: "best_val" (the best by validation accuracy; the latest
+    # without a validation split) or "final" (the last, as He et al. report theirs).
+    config.results_checkpoint = "best_val"
     config.log_every_steps = 100  # how often train metrics are fetched from the device and logged
     # JAX's persistent compilation cache: a rerun skips compiling; "" turns it off.
     config.compilation_cache_dir = "~/.cache/resnet_jax/jax_cache"

@@ -22,6 +22,7 @@ from resnet_jax import augment, base_config, models, optim, parallel
 BASE_CONFIG = "resnet_jax/base_config.py"
 KERNELS = ("auto", "xla", "cpu")
 NORMALIZATIONS = ("auto", "cifar10", "imagenet")
+RESULTS_CHECKPOINTS = ("best_val", "final")  # workdir.chosen_checkpoint's selections
 FREEZE_HELP = '"none", "backbone", or the number of stages k (the stem and stages 1..k), e.g. "2"'
 
 # Allowed values of the keys that name a choice.
@@ -35,6 +36,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optimizer.name": optim.OPTIMIZER_NAMES,
     "schedule.name": optim.SCHEDULE_NAMES,
     "parallel": parallel.MODES,
+    "results_checkpoint": RESULTS_CHECKPOINTS,
 }
 # Ranges of the numeric keys: (the requirement as users read it, the test).
 LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {

@@ -50,7 +50,10 @@ def find_checkpoint(
     checkpoints = checkpoint.Checkpoints(directory)
     if checkpoints.latest_step() is None:
         raise ConfigError(f"{directory} has no finished checkpoint yet: train longer first.")
-    step, why = chosen_checkpoint(checkpoints)
+    _, newest = checkpoints.latest_meta()
+    step, why = chosen_checkpoint(
+        checkpoints, newest["config"].get("results_checkpoint", "best_val")
+    )
     return checkpoints, step, why
 
 

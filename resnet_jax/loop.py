@@ -365,7 +365,7 @@ def summarize_test(evaluation: dict[str, Any], class_names: list[str]) -> dict[s
 def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
     """results.json: the chosen checkpoint's figures on the test split."""
     run.checkpoints.wait()
-    step, why = chosen_checkpoint(run.checkpoints)
+    step, why = chosen_checkpoint(run.checkpoints, run.config.results_checkpoint)
     state = run.par.place_state(
         run.checkpoints.restore(step, run.par.restore_target(run.par.host_state(state)))
     )

@@ -135,9 +135,14 @@ def log_results(results: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def chosen_checkpoint(checkpoints: checkpoint.Checkpoints) -> tuple[int, str]:
-    """The checkpoint to report: the best by validation accuracy, or (without a validation
-    split) the latest, since picking by test accuracy would overstate it. Returns (step, why)."""
+def chosen_checkpoint(
+    checkpoints: checkpoint.Checkpoints, selection: str = "best_val"
+) -> tuple[int, str]:
+    """The checkpoint to report, per the config's results_checkpoint: "final" is the latest;
+    "best_val" the best by validation accuracy, or (without a validation split) the latest,
+    since picking by test accuracy would overstate it. Returns (step, why)."""
+    if selection == "final":
+        return checkpoints.latest_step(), "final (results_checkpoint = final)"
     best = checkpoints.best_step()
     if best is not None:
         return best, "best validation accuracy"

@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import builders, config_utils, models, train_state
+from experiments import degradation
+from resnet_jax import builders, config_utils, models, train_state, workdir
+from tests.conftest import load_recipe
 
 
 @pytest.mark.slow
@@ -39,3 +41,27 @@ def test_report_004s_crop_trains_and_evaluates_at_24x24():
     config.augment.crop_size = 40
     with pytest.raises(config_utils.ConfigError, match="centre crop"):
         builders.build_preprocess(config, (32, 32, 3))
+
+
+class _Checkpoints:
+    """The two questions chosen_checkpoint asks of a run's checkpoints."""
+
+    def latest_step(self) -> int:
+        return 64_000
+
+    def best_step(self) -> int | None:
+        return 48_000
+
+
+def test_results_checkpoint_picks_the_final_or_the_best_validated():
+    assert workdir.chosen_checkpoint(_Checkpoints(), "final")[0] == 64_000
+    assert workdir.chosen_checkpoint(_Checkpoints(), "best_val")[0] == 48_000
+
+
+@pytest.mark.parametrize("recipe", ["resnet20", "resnet56", "resnet110", "resnet1202"])
+def test_he_et_al_recipes_train_on_all_50k_and_report_the_final_model(recipe):
+    config = load_recipe(recipe)
+    assert config.dataset.val_fraction == 0 and config.results_checkpoint == "final"
+    assert config.num_steps == 64_000
+    assert degradation.STUDY.base_config == "configs/resnet20.py"
+    assert not degradation.STUDY.overrides  # the study inherits the protocol from the recipe
