@@ -133,7 +133,7 @@ def log_plan(
         config.dataset.name, len(dataset.train), val, len(dataset.test), dataset.num_classes,
         "x".join(map(str, dataset.image_shape)),
     )  # fmt: skip
-    if dataset.val is None:
+    if dataset.val is None and config.results_checkpoint == "best_val":
         logging.warning(
             "No validation split (dataset.val_fraction = 0): each epoch is evaluated on the test "
             "split, and the final results come from the last checkpoint, not the best."

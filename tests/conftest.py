@@ -23,6 +23,11 @@ from typing import Any
 
 import pytest
 
+# torchvision imported after TensorFlow segfaults (in triton's native library, which torch's
+# compiler stack loads); tests use both in one process, so torchvision is loaded first.
+with contextlib.suppress(ImportError):
+    import torchvision  # noqa: F401
+
 from tests.fake_cifar import prepare_fake_cifar10
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

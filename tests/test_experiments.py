@@ -217,8 +217,8 @@ def test_hyperparams_quick_grid_reports_iterations_per_epoch(
     args = ["--batch_sizes=16,32", "--learning_rates=0.1"]
     hyperparams.main(quick_args(tmp_path, fake_cifar, compilation_cache, *args))
     rows = check_outputs(tmp_path, ["bs16_lr0.1", "bs32_lr0.1"], (*FIGURES, "grid.png"))
-    # 90 training images: 90 // 16 and 90 // 32 steps per epoch.
-    assert [row["iterations_per_epoch"] for row in rows] == ["5", "2"]
+    # He et al.'s protocol trains on all 100 training images: 100 // 16 and 100 // 32 steps.
+    assert [row["iterations_per_epoch"] for row in rows] == ["6", "3"]
     assert [float(row["lr_used"]) for row in rows] == [0.0125, 0.025]
 
 
