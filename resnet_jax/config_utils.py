@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import ml_collections
 from absl import app, flags, logging
 
-from resnet_jax import models, optim, parallel
+from resnet_jax import cpu, models, optim, parallel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -247,6 +247,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     (ConfigError, data.DataError, parallel.ParallelError, convert.ConversionError, ...); anything
     else is a bug and keeps its traceback.
     """
+    cpu.setup_if_cpu()  # before JAX starts a backend: XLA reads its flags then
     # Config files import each other as `from configs import default`, from any working directory.
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
