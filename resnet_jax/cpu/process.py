@@ -162,11 +162,11 @@ def setup() -> dict[str, Any]:
 def will_run_on_cpu(environ: MutableMapping[str, str] | None = None) -> bool:
     """Whether JAX will pick the CPU backend, decided without starting one.
 
-    `JAX_PLATFORMS` (or the `jax_platforms` config) when set: its first platform. Otherwise the
-    CPU unless an accelerator plugin (jax-cuda*-plugin, jax-rocm*, libtpu) is installed.
+    `JAX_PLATFORMS` when set: its first platform. Otherwise the CPU unless an accelerator
+    plugin (jax-cuda*-plugin, jax-rocm*, libtpu) is installed.
     """
     environ = os.environ if environ is None else environ
-    platforms = environ.get("JAX_PLATFORMS") or jax.config.values["jax_platforms"] or ""
+    platforms = environ.get("JAX_PLATFORMS", "")
     if platforms.strip():
         return platforms.split(",")[0].strip().lower() == "cpu"
     installed = {
