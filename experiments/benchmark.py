@@ -14,6 +14,8 @@ What runs on the JAX side is what users run: `train_state.train_step` compiled b
 `parallel.Parallel("jit").compile_train_step()` (state donated), on batches placed with
 `shard_batch`. FLOPs come from the compiled step's `cost_analysis()` (with XLA's convs in place of
 oneDNN's, which it cannot see into); GFLOP/s are set against a float32 GEMM timed in the same run.
+On one CPU device the model runs on the CPU kernel set (`get_model`'s kernels="auto"), and the
+process gets the CPU settings of `resnet_jax.cpu.setup()` at start-up, as the command lines do.
 Compile time, warm start from the persistent compilation cache and peak memory (ru_maxrss) are
 measured in fresh subprocesses of this script.
 """
@@ -42,8 +44,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-import resnet_jax  # noqa: E402,F401  (sets the per-backend XLA defaults before JAX starts)
-from resnet_jax import data, models, onednn, optim, parallel, train_state  # noqa: E402
+from resnet_jax import cpu, data, models, optim, parallel, train_state  # noqa: E402
+from resnet_jax.cpu import kernels, onednn  # noqa: E402
 
 try:  # on-device crop + flip; the input-pipeline check falls back to normalize-only without it
     from resnet_jax import augment
@@ -475,7 +477,7 @@ def _jax_conv_passes(x: np.ndarray, w: np.ndarray, stride: int, kind: str) -> di
     def conv(x, w):
         if kind == "onednn":
             return onednn.conv(x, w, strides, pad)
-        return lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=models._NHWC)
+        return lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=kernels.NHWC)
 
     dy = jnp.ones(jax.eval_shape(conv, x, w).shape, x.dtype)
 
@@ -527,6 +529,7 @@ def machine() -> dict[str, str]:
         "backend": jax.default_backend(),
         "torch": torch.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "kernels": models.resolve_kernels("auto"),
         "convs": "oneDNN" if onednn.available() else "XLA",
     }
 
@@ -574,7 +577,8 @@ def print_report(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(
         f"\nMachine: {m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['backend']}), "
-        f"torch {m['torch']}; XLA_FLAGS={m['xla_flags']!r}; convs: {m['convs']}"
+        f"torch {m['torch']}; XLA_FLAGS={m['xla_flags']!r}; kernels: {m['kernels']}; "
+        f"convs: {m['convs']}"
     )
     g = result["gemm_gflop_s"]
     print(
@@ -678,6 +682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     args = parse_args(argv)
     if args.child:
         child_main(args)

@@ -87,7 +87,7 @@ def build_model(
             config.model.stem,
             name,
         )
-    num_stages = models.num_stages(models.get_model(name))
+    num_stages = models.num_stages(models.get_model(name, kernels="xla"))
     return models.get_model(
         name,
         num_classes,
@@ -99,6 +99,7 @@ def build_model(
         frozen_stages=config_utils.frozen_stages(config, num_stages),
         dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
         axis_name=axis_name,
+        kernels=config.model.kernels,
     )
 
 

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from resnet_jax import config_utils
+from resnet_jax import config_utils, cpu
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> NoReturn:
@@ -28,6 +28,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     (ConfigError, data.DataError, parallel.ParallelError, convert.ConversionError, ...); anything
     else is a bug and keeps its traceback.
     """
+    cpu.setup_if_cpu()  # before JAX starts a backend: XLA reads its flags then
     quiet_library_info()
 
     def main_explaining_errors(args: list[str]) -> int | None:

@@ -20,7 +20,6 @@ from resnet_jax import augment, base_config, models, optim, parallel
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
-KERNELS = ("auto", "xla", "cpu")
 NORMALIZATIONS = ("auto", "cifar10", "imagenet")
 RESULTS_CHECKPOINTS = ("best_val", "final")  # workdir.chosen_checkpoint's selections
 FREEZE_HELP = '"none", "backbone", or the number of stages k (the stem and stages 1..k), e.g. "2"'
@@ -30,7 +29,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": models.MODEL_NAMES,
     "model.stem": models.STEMS,
     "model.shortcut": ("", *models.SHORTCUTS),
-    "model.kernels": KERNELS,
+    "model.kernels": models.KERNELS,
     "augment.normalization": NORMALIZATIONS,
     "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
     "optimizer.name": optim.OPTIMIZER_NAMES,

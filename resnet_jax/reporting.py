@@ -18,11 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")  # files only; never a window, and works without a display
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -131,7 +128,9 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Three panels against epoch: loss, accuracy (train and evaluation), learning rate."""
     epochs = [r for r in records if r.get("record") == "epoch"]
     steps = [r for r in records if r.get("record") == "step"]
-    figure, (loss_ax, accuracy_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    # A Figure of its own draws to a file without pyplot: no backend, no window, no global state.
+    figure = Figure(figsize=(15, 4.2))
+    loss_ax, accuracy_ax, lr_ax = figure.subplots(1, 3)
     for split in ("train", "val", "test"):
         points = [r for r in epochs if f"{split}_loss" in r]
         if points:
@@ -148,7 +147,6 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
             ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def plot_confusion_matrix(
@@ -157,7 +155,8 @@ def plot_confusion_matrix(
     """A heat map of counts[true, predicted], annotated with the counts when it is small."""
     num_classes = len(class_names)
     size = max(5.0, 0.5 * num_classes + 2)
-    figure, ax = plt.subplots(figsize=(size + 1, size))
+    figure = Figure(figsize=(size + 1, size))
+    ax = figure.subplots()
     image = ax.imshow(confusion, cmap="Blues")
     figure.colorbar(image, ax=ax, fraction=0.046)
     ticks = np.arange(num_classes)
@@ -173,7 +172,6 @@ def plot_confusion_matrix(
             ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def _json_ready(value: Any) -> Any:

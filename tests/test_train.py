@@ -128,6 +128,10 @@ def test_model_kernels_is_a_validated_choice():
         assert config_utils.resolve({"model": {"kernels": kernels}}).model.kernels == kernels
     with pytest.raises(config_utils.ConfigError, match=r"model\.kernels = 'gpu' is not one of"):
         config_utils.resolve({"model": {"kernels": "gpu"}})
+    for kernels, expected in (("xla", "xla"), ("cpu", "cpu"), ("auto", "cpu")):  # one CPU device
+        config = config_utils.resolve({"model": {"name": "resnet20", "kernels": kernels}})
+        model = builders.build_model(config, num_classes=10)
+        assert model.conv == models.kernel_modules(expected)["conv"], kernels
 
 
 def test_any_config_takes_any_model():

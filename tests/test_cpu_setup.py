@@ -1,5 +1,9 @@
-"""The per-backend XLA defaults: added only where the user set nothing, and switchable off."""
+"""The CPU process settings of `resnet_jax.cpu.setup()`: XLA flags added only where the user set
+nothing, malloc tuned unless the user tuned it, and applied by the command lines only on the CPU.
+(tests/test_imports.py checks in a fresh process that setup() applies them and import does not.)
+"""
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -7,29 +11,29 @@ import sys
 
 import pytest
 
-from resnet_jax import xla_setup
+from resnet_jax.cpu import process
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
 def test_defaults_are_appended_to_the_users_flags():
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    added = xla_setup.apply_defaults(environ)
-    assert added and all(flag.split("=")[0] in xla_setup.CPU_DEFAULTS for flag in added)
+    added = process.apply_xla_defaults(environ)
+    assert added and all(flag.split("=")[0] in process.CPU_DEFAULTS for flag in added)
     assert environ["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 ")
-    assert FLAG in xla_setup.flag_names(environ["XLA_FLAGS"])
+    assert FLAG in process.flag_names(environ["XLA_FLAGS"])
 
 
 def test_a_flag_the_user_set_wins():
     environ = {"XLA_FLAGS": f"{FLAG}=individual_convolution"}
-    xla_setup.apply_defaults(environ)
+    process.apply_xla_defaults(environ)
     assert environ["XLA_FLAGS"].split().count(f"{FLAG}=individual_convolution") == 1
     assert sum(token.startswith(FLAG) for token in environ["XLA_FLAGS"].split()) == 1
 
 
 def test_switched_off():
-    environ = {xla_setup.DISABLE_ENV: "0"}
-    assert xla_setup.apply_defaults(environ) == []
+    environ = {process.XLA_DEFAULTS_ENV: "0"}
+    assert process.apply_xla_defaults(environ) == []
     assert "XLA_FLAGS" not in environ
 
 
@@ -38,8 +42,10 @@ def test_switched_off():
 # mmap, none when the freed block is reused).
 REUSE_PROBE = """
 import ctypes, resource, threading
-import resnet_jax, jax
+import jax
+import resnet_jax.cpu
 
+resnet_jax.cpu.setup()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -68,7 +74,7 @@ print(faults, jax.config.values["jax_cpu_enable_async_dispatch"])
 )
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_a_step_reuses_the_memory_freed_by_the_last(switch):
-    env = {**os.environ, xla_setup.MALLOC_ENV: switch}
+    env = {**os.environ, process.MALLOC_ENV: switch}
     out = subprocess.run(
         [sys.executable, "-c", REUSE_PROBE], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -80,6 +86,32 @@ def test_a_step_reuses_the_memory_freed_by_the_last(switch):
 
 
 def test_a_users_own_malloc_setting_is_left_alone():
-    assert not xla_setup.reuse_step_memory({"MALLOC_ARENA_MAX": "4"})
-    assert not xla_setup.reuse_step_memory({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
-    assert not xla_setup.reuse_step_memory({xla_setup.MALLOC_ENV: "0"})
+    assert not process.reuse_step_memory({"MALLOC_ARENA_MAX": "4"})
+    assert not process.reuse_step_memory({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
+    assert not process.reuse_step_memory({process.MALLOC_ENV: "0"})
+
+
+class FakeDistribution:
+    def __init__(self, name: str):
+        self.metadata = {"Name": name}
+
+
+@pytest.mark.parametrize(
+    ("jax_platforms", "installed", "on_cpu"),
+    [
+        ("cpu", ["jax-cuda12-plugin"], True),
+        ("cuda,cpu", [], False),
+        ("tpu", [], False),
+        ("", ["numpy", "jaxlib"], True),
+        ("", ["jax_cuda13_plugin"], False),
+        ("", ["jax-rocm60-plugin"], False),
+        ("", ["libtpu"], False),
+    ],
+)
+def test_the_cpu_is_told_apart_from_an_accelerator_without_starting_jax(
+    monkeypatch, jax_platforms, installed, on_cpu
+):
+    distributions = [FakeDistribution(name) for name in installed]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: distributions)
+
+    assert process.will_run_on_cpu({"JAX_PLATFORMS": jax_platforms}) is on_cpu

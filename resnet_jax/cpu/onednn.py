@@ -1,16 +1,16 @@
 """2-D convolutions through oneDNN on the CPU backend, as XLA FFI custom calls, and BatchNorm's
 per-channel sums from the same shim.
 
-XLA:CPU runs convolutions with Eigen, which on ResNet's 3x3 convs reaches 0.7-0.8x the speed of
-oneDNN (the library PyTorch uses) forward and 0.4-0.75x for the kernel gradient, whose input XLA
-first copies channels-major. `conv` calls oneDNN instead, on NHWC activations in place, with a
-custom VJP whose input and kernel gradients are oneDNN's own backward primitives.
-`channel_sums` gives BatchNorm its sums in one pass over the activations.
+XLA:CPU runs convolutions with Eigen, which on ResNet's 3x3 convs is slower than oneDNN (the
+library PyTorch uses), most of all for the kernel gradient, whose input XLA first copies
+channels-major. `conv` calls oneDNN instead, on NHWC activations in place, with a custom VJP whose
+input and kernel gradients are oneDNN's own backward primitives. `channel_sums` gives BatchNorm
+its sums in one pass over the activations.
 
 The small C++ shim (`csrc/cpu_kernels.cc`) is compiled on first use with the system's C++ compiler
 against the `onednn-cpu-gomp` wheel and cached in `~/.cache/resnet_jax/onednn` (or
 `$RESNET_JAX_CACHE`). When that is not possible (no compiler, no oneDNN wheel, not Linux x86-64)
-`available()` is False, one warning says why, and the models use XLA's convolutions: the results
+`available()` is False, one warning says why, and the kernels use XLA's convolutions: the results
 are the same up to float rounding. `RESNET_JAX_ONEDNN=0` turns it off.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import xla_setup
+from resnet_jax.cpu import process
 
 DISABLE_ENV = "RESNET_JAX_ONEDNN"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
@@ -100,7 +100,7 @@ def build_library() -> Path:
 @functools.cache
 def available() -> bool:
     """True when the shim's kernels can run here: enabled, Linux x86-64, built and registered."""
-    if xla_setup.switched_off(DISABLE_ENV):
+    if process.switched_off(DISABLE_ENV):
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build_library()))
@@ -168,6 +168,6 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 
 def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-channel (last axis) sum(a) and sum(a * b) of two alike tensors, in float32, in one pass
-    that reads bfloat16 as it is. Not differentiable: `models.batch_norm` has its own VJP."""
+    that reads bfloat16 as it is. Not differentiable: `kernels.batch_norm` has its own VJP."""
     sums = jax.ShapeDtypeStruct((a.shape[-1],), jnp.float32)
     return jax.ffi.ffi_call(_TARGETS["channel_sums"], (sums, sums), vmap_method="sequential")(a, b)
