@@ -5,9 +5,9 @@ torchvision's state_dict (`conv1`, `bn1`, `layer2_0`, `downsample_conv`, `fc`) s
 map one to one, and every padding is explicit and symmetric as in torch (XLA's 'SAME' pads the high
 side on stride 2, which would shift every feature map against torchvision's).
 
-The conv, norm and pool are fields: plain Flax by default (`nn.Conv`, `nn.BatchNorm`,
-`nn.max_pool`); `get_model(kernels=...)` can plug in the CPU kernel set of `resnet_jax.cpu`
-instead, which has the same variables and computes the same numbers.
+The conv, norm and pool are fields: plain Flax by default (`nn.Conv`, `BatchNorm`, which is
+flax's with torch's running variance, and `nn.max_pool`); `get_model(kernels=...)` can plug in
+the CPU kernel set of `resnet_jax.cpu` instead, which has the same variables and numbers.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.cpu import kernels as cpu_kernels
-
 ModuleDef = Any
 Dtype = Any
 
@@ -30,10 +28,76 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's default kernel init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+
+def dense_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in**-0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
 STEMS = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B")
 # "xla": plain Flax; "cpu": resnet_jax.cpu's kernel set; "auto": the CPU set on one CPU device.
 KERNELS = ("auto", "xla", "cpu")
+
+
+class BatchNorm(nn.Module):
+    """Batch norm over the last axis with flax's variables and numbers and torch's statistics.
+
+    As torch's BatchNorm2d (whose running averages torchvision's checkpoints hold), the running
+    variance averages the unbiased batch variance, n / (n - 1) times the biased one that
+    normalizes the batch. `normalize_batch` is the training-mode computation a kernel set may
+    replace.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    scale_init: Callable[..., jax.Array] = nn.initializers.ones
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        x = x.astype(self.dtype)
+        if use_running_average:
+            inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return ((x - ra_mean.value) * (inv * scale) + bias).astype(self.dtype)
+        initializing = self.is_initializing()  # no device axis yet, and no statistics to keep
+        axis_name = None if initializing else self.axis_name
+        y, mean, var = self.normalize_batch(x, scale, bias, axis_name)
+        if not initializing:
+            count = x.size // x.shape[-1] * (jax.lax.psum(1, axis_name) if axis_name else 1)
+            unbiased = var * (count / max(count - 1, 1))
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        return y
+
+    def normalize_batch(
+        self, x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(y, batch mean, biased batch variance): float32 statistics E[x], E[x^2] - E[x]^2 over
+        every axis but the last and every device of `axis_name`, as flax's BatchNorm."""
+        wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        axes = tuple(range(x.ndim - 1))
+        mean, mean_of_squares = wide.mean(axes), jnp.square(wide).mean(axes)
+        if axis_name is not None:
+            mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares), axis_name)
+        var = jnp.maximum(0.0, mean_of_squares - mean * mean)
+        y = (wide - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype), mean, var
 
 
 def shortcut(x: jax.Array, filters: int, strides: int, kind: str, conv: ModuleDef, norm: ModuleDef):
@@ -109,7 +173,7 @@ class ResNet(nn.Module):
     the first halves the resolution. `frozen_stages=k` runs the stem and stages 1..k with BN in
     inference mode and stops gradients at their output (k=-1: nothing frozen, 0: the stem only).
     Stage outputs are sown into the "intermediates" collection as `stem`, `layer1`, ...
-    `conv`, `norm` and `pool` build the layers: `nn.Conv`, `nn.BatchNorm` and `nn.max_pool` or
+    `conv`, `norm` and `pool` build the layers: `nn.Conv`, `BatchNorm` and `nn.max_pool` or
     anything called like them (positional window, strides and explicit padding for `pool`).
     """
 
@@ -129,7 +193,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9  # torch's momentum=0.1 weighs the new batch; flax's weighs the old
     bn_epsilon: float = 1e-5
     conv: ModuleDef = nn.Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = BatchNorm
     pool: Callable[..., jax.Array] = nn.max_pool
 
     @nn.compact
@@ -178,7 +242,7 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(
             self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=dense_kernel_init, name="fc",
+            kernel_init=dense_kernel_init, bias_init=dense_bias_init(x.shape[-1]), name="fc",
         )(x)  # fmt: skip
         return x.astype(jnp.float32)
 
@@ -239,8 +303,10 @@ def resolve_kernels(kernels: str) -> str:
 def kernel_modules(kernels: str) -> dict[str, Any]:
     """The `conv`, `norm` and `pool` fields of a ResNet on the kernel set `kernels`."""
     if resolve_kernels(kernels) == "cpu":
-        return dict(conv=cpu_kernels.Conv, norm=cpu_kernels.BatchNorm, pool=cpu_kernels.max_pool)
-    return dict(conv=nn.Conv, norm=nn.BatchNorm, pool=nn.max_pool)
+        from resnet_jax.cpu import kernels as cpu  # the plug-in loads only where it is used
+
+        return dict(conv=cpu.Conv, norm=cpu.BatchNorm, pool=cpu.max_pool)
+    return dict(conv=nn.Conv, norm=BatchNorm, pool=nn.max_pool)
 
 
 def get_model(

@@ -336,26 +336,26 @@ def _batch_norm_results(module, variables, x, weights, axis_name=None):
 
 
 @pytest.mark.parametrize("axis_name", [None, "devices"])
-def test_batchnorm_computes_what_flax_batchnorm_does(conv_backend, axis_name):
+def test_batchnorm_computes_what_the_plain_batchnorm_does(conv_backend, axis_name):
     shape = (8, 6, 6, 16) if axis_name is None else (2, 4, 6, 6, 16)  # 2 devices of 4 examples
     x = 3.0 * jax.random.normal(jax.random.key(0, impl="rbg"), shape) + 1.0
     weights = jax.random.normal(jax.random.key(1, impl="rbg"), shape[-4:])
-    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
+    plain_bn = models.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
     ours = kernels.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
-    variables = flax_bn.init(jax.random.key(2), x.reshape(-1, *shape[-3:]))
+    variables = plain_bn.init(jax.random.key(2), x.reshape(-1, *shape[-3:]))
     variables = jax.tree.map(  # not the identity: scales, shifts and statistics of their own
         lambda v: v + 0.5 * jax.random.uniform(jax.random.key(3), v.shape), variables
     )
     chex.assert_trees_all_close(
         _batch_norm_results(ours, variables, x, weights, axis_name),
-        _batch_norm_results(flax_bn, variables, x, weights, axis_name),
+        _batch_norm_results(plain_bn, variables, x, weights, axis_name),
         rtol=2e-5,
         atol=2e-5,
     )
     eval_x = x.reshape(-1, *shape[-3:])
     chex.assert_trees_all_close(
         kernels.BatchNorm(use_running_average=True).apply(variables, eval_x),
-        nn.BatchNorm(use_running_average=True).apply(variables, eval_x),
+        models.BatchNorm(use_running_average=True).apply(variables, eval_x),
         rtol=1e-6,
         atol=1e-6,
     )
@@ -383,17 +383,17 @@ def test_batch_norm_differentiates_its_statistics_too():
 
 
 @needs_shim
-def test_bfloat16_batchnorm_rounds_what_flax_batchnorm_computes():
+def test_bfloat16_batchnorm_rounds_what_the_plain_batchnorm_computes():
     x = (3.0 * jax.random.normal(jax.random.key(0, impl="rbg"), (8, 6, 6, 16)) + 1.0).astype(
         jnp.bfloat16
     )
     weights = jax.random.normal(jax.random.key(1, impl="rbg"), x.shape)
-    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
+    plain_bn = models.BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
     ours = kernels.BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
-    variables = flax_bn.init(jax.random.key(2), x)
+    variables = plain_bn.init(jax.random.key(2), x)
     value, stats, (dparams, dx) = _batch_norm_results(ours, variables, x, weights)
     expected_value, expected_stats, (expected_dparams, expected_dx) = _batch_norm_results(
-        flax_bn, variables, x, weights
+        plain_bn, variables, x, weights
     )
     assert dx.dtype == jnp.bfloat16
     # The statistics come from the same bf16 inputs, summed in float32 or wider by both.
@@ -409,7 +409,7 @@ def test_bfloat16_batchnorm_rounds_what_flax_batchnorm_computes():
 def test_batchnorm_saves_only_its_input_and_statistics_for_the_backward_pass():
     # What it exists for is memory, which no output shows: the centered activations are
     # recomputed in the backward pass, not saved. So this one counts the VJP's full-size residuals:
-    # one (the input) where flax's BatchNorm under plain autodiff keeps two.
+    # one (the input) where the plain BatchNorm under autodiff keeps two.
     x = jax.random.normal(jax.random.key(0, impl="rbg"), (8, 4, 4, 16))
 
     def full_size_residuals(cls) -> int:
@@ -422,7 +422,7 @@ def test_batchnorm_saves_only_its_input_and_statistics_for_the_backward_pass():
         _, backward = jax.vjp(normalize, variables["params"], x)
         return sum(leaf.shape == x.shape for leaf in jax.tree.leaves(backward))
 
-    assert (full_size_residuals(kernels.BatchNorm), full_size_residuals(nn.BatchNorm)) == (1, 2)
+    assert (full_size_residuals(kernels.BatchNorm), full_size_residuals(models.BatchNorm)) == (1, 2)
 
 
 # -- the oneDNN shim ----------------------------------------------------------------------------

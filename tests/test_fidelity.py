@@ -1,13 +1,15 @@
 """Faithful to the reports and to He et al. (2015): the deepest CIFAR net still trains."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from experiments import degradation
-from resnet_jax import builders, config_utils, models, train_state, workdir
+from resnet_jax import builders, config_utils, convert, models, train_state, workdir
 from tests.conftest import load_recipe
 
 
@@ -65,3 +67,50 @@ def test_he_et_al_recipes_train_on_all_50k_and_report_the_final_model(recipe):
     assert config.num_steps == 64_000
     assert degradation.STUDY.base_config == "configs/resnet20.py"
     assert not degradation.STUDY.overrides  # the study inherits the protocol from the recipe
+
+
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_a_training_forward_updates_batchnorm_statistics_as_torch_does(kernels):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    # A copy: the conversion may share memory with the tensors the forward updates in place.
+    initial = {key: value.clone() for key, value in net.state_dict().items()}
+    variables = convert.torchvision_to_flax(initial, arch="resnet18")
+    images = torch.randn(4, 3, 32, 32)
+    net.train()(images)  # running statistics after one batch, momentum 0.1
+    model = models.get_model("resnet18", num_classes=1000, kernels=kernels)
+    _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, jnp.asarray(images.permute(0, 2, 3, 1).numpy())
+    )
+    expected = convert.torchvision_to_flax(net.state_dict(), arch="resnet18")["batch_stats"]
+    for path, ours in traverse_util.flatten_dict(updates["batch_stats"]).items():
+        theirs = traverse_util.flatten_dict(expected)[path]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_batchnorm_normalizes_as_flax_and_keeps_torchs_unbiased_running_variance():
+    x = 2.0 * jax.random.normal(jax.random.key(0), (4, 3, 3, 8)) + 1.0
+    ours, flax_bn = models.BatchNorm(momentum=0.9), nn.BatchNorm(momentum=0.9)
+    variables = flax_bn.init(jax.random.key(1), x, use_running_average=False)
+    y, ours_stats = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    flax_y, flax_stats = flax_bn.apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y, flax_y, rtol=1e-5, atol=1e-5)
+    count = 4 * 3 * 3
+    batch_var = x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(
+        ours_stats["batch_stats"]["var"], 0.9 + 0.1 * batch_var * count / (count - 1), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        flax_stats["batch_stats"]["mean"], ours_stats["batch_stats"]["mean"], rtol=1e-6
+    )
+
+
+def test_the_head_starts_from_torchs_linear_init():
+    model = models.get_model("resnet18", num_classes=1000, kernels="xla")
+    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()["params"]
+    bias, bound = np.asarray(params["fc"]["bias"]), 512**-0.5
+    assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.9 * bound  # U(-b, b), not zeros

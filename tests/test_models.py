@@ -291,7 +291,7 @@ def test_bad_choices_raise_listing_the_valid_ones(arguments, choices):
 
 def test_plain_flax_is_the_default_and_auto_picks_the_cpu_set_on_one_cpu_device():
     plain = models.get_model("resnet18", kernels="xla")
-    assert (plain.conv, plain.norm, plain.pool) == (nn.Conv, nn.BatchNorm, nn.max_pool)
+    assert (plain.conv, plain.norm, plain.pool) == (nn.Conv, models.BatchNorm, nn.max_pool)
     assert models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock).conv is nn.Conv
 
     on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1

@@ -1,6 +1,6 @@
 """The CPU kernel set that `models.get_model(kernels="cpu")` plugs into the ResNet.
 
-`Conv`, `BatchNorm` and `max_pool` stand in for `nn.Conv`, `nn.BatchNorm` and `nn.max_pool`: the
+`Conv`, `BatchNorm` and `max_pool` stand in for `nn.Conv`, `models.BatchNorm` and `nn.max_pool`: the
 same variables (names, shapes, collections) and the same numbers up to float rounding, computed
 in ways XLA:CPU runs faster. Each piece says why; docs/PERFORMANCE.md has what each one won.
 Off a single CPU device the oneDNN shim steps aside and XLA's own ops run (XLA cannot partition
@@ -10,7 +10,7 @@ a custom call over several devices).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax import models
 from resnet_jax.cpu import onednn
 
 Dtype = Any
@@ -277,36 +278,11 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-class BatchNorm(nn.Module):
-    """flax's BatchNorm over the last axis (its variables, names and numbers), on `batch_norm`."""
+class BatchNorm(models.BatchNorm):
+    """`models.BatchNorm` (its variables, statistics and numbers), trained through `batch_norm`."""
 
-    use_running_average: bool | None = None
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    axis_name: str | None = None
-    scale_init: Callable[..., jax.Array] = nn.initializers.ones
-    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        features = (x.shape[-1],)
-        mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-        var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        scale = self.param("scale", self.scale_init, features, self.param_dtype)
-        bias = self.param("bias", self.bias_init, features, self.param_dtype)
-        x = x.astype(self.dtype)
-        if use_running_average:
-            inv = lax.rsqrt(var.value + self.epsilon)
-            return _normalize(x, scale, bias, mean.value, inv).astype(self.dtype)
-        initializing = self.is_initializing()  # no device axis yet, and no statistics to keep
-        axis_name = None if initializing else self.axis_name
-        y, batch_mean, batch_var = batch_norm(x, scale, bias, self.epsilon, axis_name)
-        if not initializing:
-            mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
-            var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
-        return y
+    def normalize_batch(
+        self, x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(y, batch mean, biased batch variance), from `batch_norm`'s one-pass sums and VJP."""
+        return batch_norm(x, scale, bias, self.epsilon, axis_name)
