@@ -297,6 +297,9 @@ def pretrained_variables(
             'resnet_jax.convert` output directory; "" trains from scratch.'
         ) from None
     logging.info("%s", report.summary())
+    convert.check_frozen_layers_loaded(
+        report, model.frozen_stages, config.model.freeze_random_layers
+    )
     return variables
 
 
@@ -540,6 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     DivergedError if the loss or parameters become NaN/inf, and Interrupted on SIGTERM/SIGINT
     (after saving a checkpoint).
     """
+    parallel.check_processes_agree(config_utils.to_json(config), workdir)
     config = config_utils.resolve(config)
     workdir = prepare_workdir(workdir)
     enable_compilation_cache(config.compilation_cache_dir)
@@ -594,9 +598,15 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
                 "one workdir would overwrite each other's checkpoints: wait for that run to end "
                 "(or stop it; its checkpoints are kept), or use another --workdir."
             ) from None
-        lock.truncate(0)
-        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+        try:
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        except OSError as error:  # a full disk shows first here
+            raise ConfigError(
+                f"Cannot write to --workdir {workdir}: {error.strerror or error}. Free disk space "
+                "or pass another --workdir."
+            ) from None
         yield
 
 
@@ -984,6 +994,10 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+    flags.DEFINE_integer(
+        "distributed_timeout", parallel.DEFAULT_JOIN_TIMEOUT_S,
+        "Multi-process: seconds to wait for every process to join, then say which is missing.",
+    )  # fmt: skip
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -996,8 +1010,9 @@ def main(argv: list[str]) -> int:
     by_hand = (flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
     if flags.FLAGS.distributed or any(value is not None for value in by_hand):
         parallel.initialize_distributed(
-            flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
-        )
+            flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+            timeout_s=flags.FLAGS.distributed_timeout,
+        )  # fmt: skip
     config = flags.FLAGS.config
     given = config_flags.get_override_values(flags.FLAGS["config"])
     config_utils.epochs_replace_steps(config, given)
