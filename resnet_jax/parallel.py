@@ -303,12 +303,13 @@ def not_joined_message(
     )
     count = f"all {num_processes}" if num_processes else "all"
     if process_id == 0:
-        others = (
-            ("process 1 has" if num_processes == 2 else f"processes 1..{num_processes - 1} have")
-            if num_processes
-            else "the other processes have"
-        )
-        missing = f"{others} not all joined (this process is {coordinator})"
+        if num_processes == 2:
+            others = "process 1 has not joined"
+        elif num_processes:
+            others = f"not all of processes 1..{num_processes - 1} have joined"
+        else:
+            others = "not all the other processes have joined"
+        missing = f"{others} (this process is {coordinator})"
     elif coordinator_address and not _reachable(coordinator_address):
         missing = f"process 0 ({coordinator}) cannot be reached from this host"
     else:
