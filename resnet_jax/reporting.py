@@ -63,7 +63,7 @@ class Reporter:
             yield
         except Exception as error:
             if isinstance(error, OSError) or type(error).__module__.startswith("tensorflow"):
-                raise files.write_error(self.workdir / EVENTS_GLOB, error) from None
+                raise files.write_error(f"TensorBoard events in {self.workdir}", error) from None
             raise
 
     def write_config(self, config_json: str) -> None:
