@@ -27,7 +27,9 @@ class WriteError(ValueError):
 def write_error(path: str | Path, error: BaseException) -> WriteError:
     """`error` (an OSError, or TensorFlow's for the TensorBoard writer) explained for `path`."""
     reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
-    reason = " ".join(str(reason).split())[:200]
+    reason = " ".join(str(reason).split())
+    if len(reason) > 300:  # long library messages end with the cause: "...; File too large"
+        reason = "..." + reason[-300:]
     return WriteError(
         f"Cannot write {path}: {reason}. Free disk space or make the directory writable (or pass "
         "another path), then rerun the same command: a training run resumes from its latest "

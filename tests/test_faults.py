@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from resnet_jax import checkpoint, config_utils, convert, files, models, reporting, train
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, run_module, subprocess_env
+from tests.fake_cifar import prepare_fake_cifar10
 from tests.test_cli import TOTAL_STEPS
 from tests.test_train import assert_explained, train_cli  # noqa: F401 (a fixture)
 
@@ -268,3 +269,15 @@ def test_freezing_a_layer_the_pretrained_weights_do_not_cover_is_refused(
             train.pretrained_variables(config, model, (1, 32, 32, 3))
     else:
         assert train.pretrained_variables(config, model, (1, 32, 32, 3)) is not None
+
+
+def test_a_full_disk_while_preparing_the_dataset_is_explained(tiny_overrides, tmp_path):
+    # A first run extracts the archive into data_dir: 10 KB is too little for it.
+    data_dir = tmp_path / "data"
+    prepare_fake_cifar10(data_dir, n_train_per_batch=20, n_test=20)
+    args = [a for a in tiny_overrides if "data_dir" not in a]
+    done = run_with_a_full_disk(
+        "resnet_jax.train", *args, f"--config.dataset.data_dir={data_dir}",
+        f"--workdir={tmp_path / 'run'}", limit_bytes=10_000,
+    )  # fmt: skip
+    assert_explained(done.returncode, done.stderr, f"Cannot write {data_dir}", "File too large")
