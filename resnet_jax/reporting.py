@@ -80,8 +80,9 @@ class Reporter:
         lines = "".join(json.dumps(r) + "\n" for r in records)
         files.write_text(self.workdir / METRICS_FILE, lines)
         self.close()
-        for events in self.workdir.glob(EVENTS_GLOB):
-            events.unlink()
+        with self._writing_events():
+            for events in self.workdir.glob(EVENTS_GLOB):
+                events.unlink()
         self._open_tensorboard()
         for record in records:
             self._add_scalars(record)

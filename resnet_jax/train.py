@@ -543,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     DivergedError if the loss or parameters become NaN/inf, and Interrupted on SIGTERM/SIGINT
     (after saving a checkpoint).
     """
-    parallel.check_processes_agree(config_utils.to_json(config), workdir)
+    parallel.check_processes_agree(config, workdir)
     config = config_utils.resolve(config)
     workdir = prepare_workdir(workdir)
     enable_compilation_cache(config.compilation_cache_dir)
