@@ -18,7 +18,6 @@ naming the failed step and the last complete one.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import sys
 import time
@@ -64,22 +63,25 @@ def quiet_abandoned_reads() -> Iterator[None]:
     are reported as tracebacks: by asyncio's logger ("Task exception was never retrieved") and
     as unraisable exceptions (when a coroutine is collected, or when TensorStore finishes a read
     after the loop closed). Inside this block those reports are dropped; the error orbax raises
-    is handled by the caller, and other unraisable exceptions show as before."""
+    is handled by the caller, and other unraisable exceptions show as before. TensorStore can
+    finish a failed restore's reads after the block has ended, so once a read has failed (the
+    block raised) the reports stay dropped for the rest of the process."""
     previous = sys.unraisablehook
-    asyncio_logger = logging.getLogger("asyncio")
+    if getattr(previous, "drops_abandoned_reads", False):  # a failed read installed it for good
+        yield
+        return
 
     def hook(unraisable: Any) -> None:
         if not _is_abandoned_read(unraisable):
             previous(unraisable)
 
+    hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
+    asyncio_logger = logging.getLogger("asyncio")
     asyncio_logger.addFilter(_not_an_abandoned_task)
-    try:
-        yield
-    finally:
-        gc.collect()  # the failed reads' coroutines are reported when collected: do it now
-        sys.unraisablehook = previous
-        asyncio_logger.removeFilter(_not_an_abandoned_task)
+    yield  # an exception leaves the hook and the filter installed
+    sys.unraisablehook = previous
+    asyncio_logger.removeFilter(_not_an_abandoned_task)
 
 
 def error_reason(error: Exception) -> str:
