@@ -116,3 +116,17 @@ def test_a_process_that_never_joins_is_named_by_the_ones_waiting(tiny_overrides,
         code1, output1, "Process 1 waited 3 s", "process 0 (the coordinator localhost:",
         "cannot be reached from this host", "--coordinator_address is process 0's host",
     )  # fmt: skip
+
+
+def test_a_batch_size_that_does_not_divide_over_the_processes_stops_every_process(
+    tiny_overrides, tmp_path
+):
+    port = free_port()
+    commands = [
+        [*distributed_args(tiny_overrides, port, i), f"--workdir={tmp_path / 'run'}",
+         "--config.batch_size=3"]
+        for i in range(2)
+    ]  # fmt: skip
+    for code, output in wait_for_all(start_processes(commands, tmp_path)):
+        assert_explained(code, output, "The batch size 3 does not divide evenly across the 2 "
+                         "devices", "--config.batch_size=2")  # fmt: skip
