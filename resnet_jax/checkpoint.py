@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val_accuracy"
+UNFINISHED_SAVES = "*.orbax-checkpoint-tmp*"  # where orbax writes a save until it is complete
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -141,12 +143,12 @@ class Checkpoints:
             enable_async_checkpointing=True,
             read_only=read_only,
             create=False,  # the first save creates it: a run that fails before leaves none
-            # What a killed or failed save left (STEP.orbax-checkpoint-tmp-*) is removed.
-            cleanup_tmp_directories=not read_only,
         )
         absl_logging.get_absl_logger().addFilter(_not_missing_metric_warning)
         absl_logging.get_absl_logger().addFilter(_write_error_without_traceback)
         self.directory = Path(directory).absolute()
+        if not read_only and jax.process_index() == 0:
+            self._remove_unfinished_saves()
         self._last_started: int | None = None  # the newest save, which may still be writing
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -156,6 +158,15 @@ class Checkpoints:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+
+    def _remove_unfinished_saves(self) -> None:
+        """Delete what a killed or failed save left (STEP.orbax-checkpoint-tmp-*): orbax never
+        lists it, and nothing else would ever remove it. (orbax's cleanup_tmp_directories option
+        does this in a background thread, which a run that fails at once interrupts with a
+        traceback at exit.)"""
+        for leftover in self.directory.glob(UNFINISHED_SAVES):
+            shutil.rmtree(leftover, ignore_errors=True)
+            absl_logging.info("Removed %s, left by a save that did not finish.", leftover)
 
     def latest_step(self) -> int | None:
         """The newest checkpoint's step, or None if there is none."""
