@@ -35,8 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     # What does not train: "none", "backbone" (everything but the head), or "k" for the stem and
     # the first k stages (e.g. "2"). Frozen BN layers keep their running statistics.
     model.freeze = "none"
-    # Frozen layers must come from model.pretrained: a frozen layer it does not cover (the CIFAR
-    # stem's 3x3 conv1 has no ImageNet counterpart) would stay random, so that is an error unless
+    # With model.pretrained, frozen layers must come from it: freezing one it does not cover (the
+    # CIFAR stem's 3x3 conv1 has no ImageNet counterpart) would keep it random, an error unless
     # this is True.
     model.freeze_random_layers = False
 
