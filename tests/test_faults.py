@@ -3,15 +3,14 @@ line, what a failed save or a failed start leaves behind, a damaged conversion d
 TensorBoard after a resume, and a frozen layer that pretrained weights do not cover.
 
 We run as root, so a read-only directory does not stop writes: a full disk is simulated with
-RLIMIT_FSIZE in a subprocess (a write past the limit fails with EFBIG, "File too large"), an
-unwritable place with a path under a regular file, and a disk that fills mid-write by patching
-the write. The multi-process faults are in test_multihost_faults.py.
+RLIMIT_FSIZE in a subprocess (a write past the limit fails with EFBIG, "File too large": Python
+ignores SIGXFSZ), an unwritable place with a path under a regular file, and a disk that fills
+mid-write by patching the write. The multi-process faults are in test_multihost_faults.py.
 """
 
 from __future__ import annotations
 
 import errno
-import resource
 import shutil
 import subprocess
 import sys
@@ -29,17 +28,22 @@ from tests.fake_cifar import prepare_fake_cifar10
 from tests.test_cli import TOTAL_STEPS
 from tests.test_train import assert_explained, train_cli  # noqa: F401 (a fixture)
 
+# Runs a module as `python -m` does, after limiting the size of any file it writes.
+_FULL_DISK_LAUNCHER = """
+import resource, runpy, sys
+_, limit, module, *args = sys.argv
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+sys.argv = [module, *args]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
 
 def run_with_a_full_disk(module: str, *args: str, limit_bytes: int) -> subprocess.CompletedProcess:
     """`python -m module args` where no file may grow past `limit_bytes`, as on a full disk."""
-
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-c", _FULL_DISK_LAUNCHER, str(limit_bytes), module, *args],
         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S, preexec_fn=limit_file_size, check=False,
+        timeout=SUBPROCESS_TIMEOUT_S, check=False,
     )  # fmt: skip
 
 
