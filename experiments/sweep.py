@@ -407,7 +407,10 @@ def select_arms(study: Study) -> tuple[list[Arm], list[Arm]]:
 
 def run(study: Study) -> list[ArmResult]:
     """Trains (or resumes) the selected arms, then writes the table and figures."""
+    from resnet_jax import files
+
     out = Path(FLAGS.out or Path("workdirs") / study.name)
+    files.check_writable(out, "--out")  # before hours of training, not after
     every, selected = select_arms(study)
     check_no_clashes(selected)
     base = base_config(study)
@@ -458,7 +461,11 @@ def _check_workdir(workdir: Path, config: Any) -> None:
 
 
 def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
-    from resnet_jax import loop, train  # import JAX and TensorFlow: only when something trains
+    from resnet_jax import (  # imports JAX and TensorFlow: only when something trains
+        files,
+        loop,
+        train,
+    )
 
     workdir.mkdir(parents=True, exist_ok=True)
     stored = workdir / ARM_FILE
@@ -473,7 +480,7 @@ def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
     if hardware() not in record["hardware"]:
         record["hardware"].append(hardware())
     record.setdefault("started", _now())
-    stored.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_text(stored, json.dumps(record, indent=2) + "\n")
     try:
         train.train_and_evaluate(config, str(workdir))
     except loop.DivergedError as error:
@@ -481,7 +488,7 @@ def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
         print(f"{arm.name} diverged: {error}")
         record.update(diverged=str(error), diverged_epoch=error.epoch)
     record["finished"] = _now()
-    stored.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_text(stored, json.dumps(record, indent=2) + "\n")
 
 
 def _read_arm_file(workdir: Path) -> dict[str, Any]:
@@ -635,11 +642,16 @@ def _cell(value: Any) -> str:
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _cell(row.get(key)) for key in columns})
+    from resnet_jax import files
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({key: _cell(row.get(key)) for key in columns})
+
+    files.write_atomically(path, write)
 
 
 def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -696,6 +708,8 @@ def write_reports(study: Study, results: list[ArmResult], out: Path) -> list[Pat
     """results.csv, results.md and the figures; returns the figure paths."""
     import matplotlib
 
+    from resnet_jax import files
+
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     columns, rows = table(study, results)
@@ -711,7 +725,7 @@ def write_reports(study: Study, results: list[ArmResult], out: Path) -> list[Pat
         md += [f"At full scale: {study.note}" if quick else study.note, ""]
     md += [markdown_table(columns, rows), ""]
     md += [f"![{f.stem}]({f.name})" for f in figures]
-    (out / "results.md").write_text("\n".join(md) + "\n")
+    files.write_text(out / "results.md", "\n".join(md) + "\n")
     print(f"Wrote {out / 'results.csv'}, {out / 'results.md'} and {len(figures)} figures.")
     return figures
 
@@ -723,8 +737,14 @@ def save_figure(fig: Any, path: Path) -> None:
     """Writes and closes `fig`, grown to take in the line-end labels outside its axes."""
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
-    plt.close(fig)
+    from resnet_jax import files
+
+    try:
+        files.write_atomically(
+            path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", pad_inches=0.15)
+        )
+    finally:
+        plt.close(fig)
 
 
 def label_line_ends(ax: Any, ends: list[tuple[float, float, str, str]]) -> None:

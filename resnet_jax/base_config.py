@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Which kernels run the model: "auto" = the CPU kernel plug-in only on one CPU device, plain
     # Flax elsewhere; "xla" = plain Flax always; "cpu" = the CPU kernels.
     model.kernels = "auto"
+    # With model.pretrained, frozen layers must come from it: freezing one it does not cover (the
+    # CIFAR stem's 3x3 conv1 has no ImageNet counterpart) would keep it random, an error unless
+    # this is True.
+    model.freeze_random_layers = False
 
     config.dataset = dataset = ml_collections.ConfigDict()
     # "cifar10", any tfds image-classification dataset, or "folder:/path" (train/ test/ [val/]).

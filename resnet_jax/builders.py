@@ -246,6 +246,9 @@ def pretrained_variables(
             'resnet_jax.convert` output directory; "" trains from scratch.'
         ) from None
     logging.info("%s", report.summary())
+    convert.check_frozen_layers_loaded(
+        report, model.frozen_stages, config.model.freeze_random_layers
+    )
     return variables
 
 

@@ -6,7 +6,9 @@ batch_stats, rng; its static fields are code, rebuilt from the config), and `met
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and the files
 are written in the background. Writes are atomic, so a run killed mid-save keeps its earlier
 checkpoints (orbax writes into a `STEP.orbax-checkpoint-tmp-*` directory, which it never lists as
-a checkpoint, and renames it when complete). A complete checkpoint that is later damaged (a
+a checkpoint, and renames it when complete; a training run's `Checkpoints` removes such leftovers
+when it opens the directory, and creates the directory only with its first save, so a run that
+fails before that leaves no empty one behind). A complete checkpoint that is later damaged (a
 truncated or deleted array file, unreadable metadata) is set aside into `corrupt_checkpoints/`
 next to the directory on restore, and the previous one restored instead. A write that fails (a
 full disk), in the save call or later in orbax's background threads, raises a CheckpointError
@@ -15,9 +17,12 @@ naming the failed step and the last complete one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val_accuracy"
+UNFINISHED_SAVES = "*.orbax-checkpoint-tmp*"  # where orbax writes a save until it is complete
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -52,15 +58,19 @@ def _not_an_abandoned_task(record: logging.LogRecord) -> bool:
     return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
 
 
-def _quiet_abandoned_reads() -> None:
+@contextlib.contextmanager
+def quiet_abandoned_reads() -> Iterator[None]:
     """Orbax reads a checkpoint's arrays in concurrent tasks on a short-lived event loop. When
     one read fails (a damaged checkpoint), orbax raises that error, and the other failed reads
     are reported as tracebacks: by asyncio's logger ("Task exception was never retrieved") and
     as unraisable exceptions (when a coroutine is collected, or when TensorStore finishes a read
-    after the loop closed). From the first restore on, those reports are dropped; the error
-    orbax raises is handled by the caller, and other unraisable exceptions show as before."""
+    after the loop closed). Inside this block those reports are dropped; the error orbax raises
+    is handled by the caller, and other unraisable exceptions show as before. TensorStore can
+    finish a failed restore's reads after the block has ended, so once a read has failed (the
+    block raised) the reports stay dropped for the rest of the process."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_abandoned_reads", False):
+    if getattr(previous, "drops_abandoned_reads", False):  # a failed read installed it for good
+        yield
         return
 
     def hook(unraisable: Any) -> None:
@@ -69,10 +79,14 @@ def _quiet_abandoned_reads() -> None:
 
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_not_an_abandoned_task)
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addFilter(_not_an_abandoned_task)
+    yield  # an exception leaves the hook and the filter installed
+    sys.unraisablehook = previous
+    asyncio_logger.removeFilter(_not_an_abandoned_task)
 
 
-def _reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
     """A failed read's error in one short line (TensorStore appends its whole spec)."""
     text = getattr(error, "reason", "") or str(error).split(" See full TensorStore details")[0]
     return " ".join(text.split())[:200]
@@ -108,9 +122,12 @@ class Checkpoints:
     orbax's own per-checkpoint metrics, so it survives restarts without bookkeeping of ours.
     Checkpoints saved without a validation accuracy (mid-epoch, or runs without a validation
     split) are kept only while they are among the latest.
+
+    `read_only` (evaluation, prediction) saves nothing and leaves the directory as it is, even
+    an unfinished save that a live run is still writing; otherwise the directory is the run's.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int = 2, *, read_only: bool = False):
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
@@ -124,10 +141,14 @@ class Checkpoints:
             best_mode="max",
             preservation_policy=preservation,
             enable_async_checkpointing=True,
+            read_only=read_only,
+            create=False,  # the first save creates it: a run that fails before leaves none
         )
         absl_logging.get_absl_logger().addFilter(_not_missing_metric_warning)
         absl_logging.get_absl_logger().addFilter(_write_error_without_traceback)
         self.directory = Path(directory).absolute()
+        if not read_only and jax.process_index() == 0:
+            self._remove_unfinished_saves()
         self._last_started: int | None = None  # the newest save, which may still be writing
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -137,6 +158,15 @@ class Checkpoints:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+
+    def _remove_unfinished_saves(self) -> None:
+        """Delete what a killed or failed save left (STEP.orbax-checkpoint-tmp-*): orbax never
+        lists it, and nothing else would ever remove it. (orbax's cleanup_tmp_directories option
+        does this in a background thread, which a run that fails at once interrupts with a
+        traceback at exit.)"""
+        for leftover in self.directory.glob(UNFINISHED_SAVES):
+            shutil.rmtree(leftover, ignore_errors=True)
+            absl_logging.info("Removed %s, left by a save that did not finish.", leftover)
 
     def latest_step(self) -> int | None:
         """The newest checkpoint's step, or None if there is none."""
@@ -225,10 +255,10 @@ class Checkpoints:
         restored instead: the returned state's `step` says which. A checkpoint that is intact but
         does not fit `target` raises the restore's own error (ValueError/KeyError), as before.
         """
-        _quiet_abandoned_reads()
         while True:
             try:
-                state = self._restore_state(step, target)
+                with quiet_abandoned_reads():
+                    state = self._restore_state(step, target)
                 self.meta(step)  # resuming needs it too: a checkpoint is usable only whole
                 return state
             except Exception as error:
@@ -245,7 +275,8 @@ class Checkpoints:
     def _readable(self, step: int) -> bool:
         """Whether `step`'s arrays read back as saved (onto one device), and its metadata."""
         try:
-            self._restore_as_saved(step)
+            with quiet_abandoned_reads():
+                self._restore_as_saved(step)
             self.meta(step)
             return True
         except Exception:
@@ -258,7 +289,7 @@ class Checkpoints:
         return self._restore_state(step, jax.tree.map(_on_one_device, dict(saved)))
 
     def _damaged(self, step: int, what: str, error: Exception) -> CheckpointError:
-        reason = f"its {what} cannot be read back ({_reason(error)})"
+        reason = f"its {what} cannot be read back ({error_reason(error)})"
         return CheckpointError(
             f"The checkpoint at step {step} in {self.directory} is damaged: {reason}. Use an "
             f"earlier checkpoint (ls {self.directory} lists them; pass --checkpoint "
@@ -274,7 +305,7 @@ class Checkpoints:
         (self.directory / str(step)).rename(aside)
         self._manager.reload()
         earlier = [s for s in self._manager.all_steps() if s < step]
-        reason = _reason(error)
+        reason = error_reason(error)
         if not earlier:
             raise CheckpointError(
                 f"The checkpoint at step {step} in {self.directory} is damaged ({reason}) and "
@@ -291,9 +322,9 @@ class Checkpoints:
     def restore_variables(self, step: int) -> dict[str, Any]:
         """{"params", "batch_stats"} of `step` as host numpy arrays, with no state to restore
         into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
-        _quiet_abandoned_reads()
         try:
-            state = self._restore_as_saved(step)
+            with quiet_abandoned_reads():
+                state = self._restore_as_saved(step)
         except Exception as error:
             raise self._damaged(step, "arrays", error) from None
         return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ import safetensors.numpy
 from absl import app, flags
 from flax import traverse_util
 
-from resnet_jax import cli, models
+from resnet_jax import checkpoint, cli, files, models
 
 ARCHS: tuple[str, ...] = tuple(models.IMAGENET_FAMILY)
 # torchvision's IMAGENET1K_V1 weights (the original recipe; V2 exists for resnet50/101/152).
@@ -151,6 +152,26 @@ def load_pretrained(
     return {**variables, **traverse_util.unflatten_dict(merged)}, report
 
 
+def check_frozen_layers_loaded(report: LoadReport, frozen_stages: int, allowed: bool) -> None:
+    """Raise ConversionError if a frozen stage (the stem and stages 1..`frozen_stages`) has a
+    layer that the weights did not cover, which would stay at its random initialization, unless
+    the config `allowed` it (model.freeze_random_layers)."""
+    frozen_new = [
+        name
+        for name in report.new
+        if (stage := models.stage_of(name.split("/"))) is not None and stage <= frozen_stages
+    ]
+    if not frozen_new or allowed:
+        return
+    raise ConversionError(
+        f"model.freeze would freeze layers that {report.source} does not cover, so they would "
+        f"stay random: {_shorten(frozen_new)}. The CIFAR stem's 3x3 conv1 has no counterpart in "
+        "ImageNet weights: use model.stem=imagenet to load the pretrained stem, or "
+        'model.freeze="none" to train every layer, or set model.freeze_random_layers=True if a '
+        "frozen random layer is what you want."
+    )
+
+
 def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ConversionError(
@@ -215,8 +236,16 @@ def _read_converted_dir(path: Path) -> StateDict:
             f"has no {METADATA_FILE}). Pass a .pth/.pt or .safetensors file, or convert one into "
             "a new directory with that command."
         )
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(path.resolve())
+    try:
+        with checkpoint.quiet_abandoned_reads(), ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(path.resolve())
+    except Exception as error:  # orbax/TensorStore's errors for missing or truncated files
+        reason = checkpoint.error_reason(error)
+        raise ConversionError(
+            f"'{path}' is damaged: its arrays cannot be read back ({reason}). Convert the "
+            "original weights again into a new directory with `python -m resnet_jax.convert`, "
+            "or pass the .pth/.safetensors file itself."
+        ) from None
     state_dict = {}
     for (_, *flax_path), array in _flatten(variables).items():
         array = np.asarray(array)
@@ -341,24 +370,43 @@ def _shorten(names: list[str]) -> str:
 
 
 def _require_new_directory(output: Path) -> None:
+    """Refuse an existing --output, and one that cannot be written, before converting."""
     if output.exists():
         raise ConversionError(
             f"Output directory '{output}' already exists. Choose a new --output path or remove "
             "the old directory first; conversions never overwrite."
         )
+    files.check_writable(output.absolute().parent, "--output's parent directory")
+
+
+def _remove_staging(staging: Path) -> None:
+    """A staging directory and orbax's own temporary directories beside it."""
+    for leftover in staging.parent.glob(f"{staging.name}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _save(variables: Variables, output: Path, arch: str, source: Path) -> None:
-    """Write `variables` as an orbax checkpoint at `output`, plus metadata.json describing it."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(output.resolve(), variables)
-        checkpointer.wait_until_finished()
+    """Write `variables` as an orbax checkpoint at `output`, plus metadata.json describing it.
+
+    Both are written into a staging directory that is renamed to `output` once whole, so a
+    conversion that fails (a full disk) or is killed leaves no `output` to be read back.
+    """
+    staging = output.absolute().with_name(f".{output.name}.partial")
+    _remove_staging(staging)  # what an earlier, failed conversion left
     metadata = {
         "arch": arch,
         "num_classes": int(variables["params"]["fc"]["bias"].shape[0]),
         "source": str(source.resolve()),
     }
-    (output / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    try:
+        with files.explain_write_errors(output):
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(staging, variables)
+                checkpointer.wait_until_finished()
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+            staging.rename(output)
+    finally:
+        _remove_staging(staging)
 
 
 def _define_flags() -> None:
@@ -378,7 +426,7 @@ def main(argv: list[str]) -> None:
         _require_new_directory(output)
         variables = torchvision_to_flax(source, arch)
         _save(variables, output, arch, source)
-    except ConversionError as error:
+    except (ConversionError, files.WriteError) as error:
         sys.exit(f"error: {error}")
     num_classes = variables["params"]["fc"]["bias"].shape[0]
     print(f"Wrote {arch} ({num_classes} classes) from {source} to {output}.")

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from resnet_jax import files
+
 FOLDER_PREFIX = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FOLDER_LAYOUT = (
@@ -345,9 +347,10 @@ def _download_and_prepare(builder: Any, verify_checksums: bool) -> None:
     import requests
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+    from tensorflow_datasets.core.download.extractor import ExtractError
 
     manual_dir = _manual_dir(builder)
-    _tensorflow()  # before tfds imports it, so TF starts quiet and off the accelerator
+    tf = _tensorflow()  # before tfds imports it, so TF starts quiet and off the accelerator
     if not verify_checksums:
         _trust_manual_archives(builder, manual_dir)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
@@ -366,6 +369,8 @@ def _download_and_prepare(builder: Any, verify_checksums: bool) -> None:
         raise DataError(
             _cannot_download_message(builder.name, reason, _needed_downloads(builder), manual_dir)
         ) from error
+    except (OSError, ExtractError, tf.errors.OpError) as error:  # a full or read-only data_dir
+        raise files.write_error(builder.data_dir, error) from None
 
 
 def _reachable(url: str) -> bool:

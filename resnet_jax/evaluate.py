@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from absl import flags, logging
 
-from resnet_jax import builders, checkpoint, cli, config_utils, loop, parallel, reporting
+from resnet_jax import builders, checkpoint, cli, config_utils, files, loop, parallel, reporting
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
 from resnet_jax.workdir import chosen_checkpoint
@@ -40,16 +40,22 @@ def find_checkpoint(
                 f"--checkpoint {path} is not a checkpoint: pass a step directory such as "
                 "WORKDIR/checkpoints/7020 (ls WORKDIR/checkpoints lists them)."
             )
-        return checkpoint.Checkpoints(path.parent), int(path.name), f"step {path.name}"
+        checkpoints = checkpoint.Checkpoints(path.parent, read_only=True)
+        return checkpoints, int(path.name), f"step {path.name}"
     directory = Path(workdir).expanduser().absolute() / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(
             f"{directory.parent} holds no checkpoints/: pass the --workdir of a training run "
             "(python -m resnet_jax.train --config ... --workdir W)."
         )
-    checkpoints = checkpoint.Checkpoints(directory)
+    checkpoints = checkpoint.Checkpoints(directory, read_only=True)
     if checkpoints.latest_step() is None:
-        raise ConfigError(f"{directory} has no finished checkpoint yet: train longer first.")
+        checkpoints.close()
+        raise ConfigError(
+            f"{directory} holds no complete checkpoint: its run has not saved one yet (it saves "
+            "at the end of each epoch; a run that failed or stopped earlier saved none). Train "
+            "it first, or pass another --workdir."
+        )
     _, newest = checkpoints.latest_meta()
     step, why = chosen_checkpoint(
         checkpoints, newest["config"].get("results_checkpoint", "best_val")
@@ -151,11 +157,12 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}.")
     options = flags.FLAGS
+    output = Path(options.output).expanduser() if options.output else None
+    if output is not None:  # before the evaluation, which can take minutes
+        files.check_writable(output.absolute().parent, "--output's directory")
     results = evaluate_checkpoint(options.workdir, options.checkpoint, options.data_dir)
     print(format_results(results))
-    if options.output:
-        output = Path(options.output).expanduser()
-        output.parent.mkdir(parents=True, exist_ok=True)
+    if output is not None:
         reporting.write_results(results, output, output.with_suffix(".png"))
         logging.info("Wrote %s and %s.", output, output.with_suffix(".png"))
     return 0

@@ -8,16 +8,27 @@ BatchNorm statistics over the `axis_name` the model was built with.
 Several hosts run one process each (after `initialize_distributed`); every process runs the same
 program, feeds only its own slice of each global batch (`shard_batch`), and holds the state as
 arrays replicated over the global mesh, which orbax saves collectively and restores onto any mesh.
+A process that does not join within the join timeout, processes started with different configs
+and a workdir that is not shared end every process with a message (`initialize_distributed`,
+`check_processes_agree`) instead of a hang or JAX's abort.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import socket
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -27,6 +38,12 @@ from resnet_jax import train_state as ts
 MODES = ("jit", "pmap")
 DATA_AXIS = "data"
 PMAP_AXIS = "batch"
+DEFAULT_JOIN_TIMEOUT_S = 300  # JAX's own default for jax.distributed.initialize
+# JAX aborts the process (no message of ours) this long after our own deadline has passed.
+_JAX_ABORT_MARGIN_S = 60
+SHARED_WORKDIR_FILE = ".shared_workdir_check"
+_AGREEMENT_KEY = "resnet_jax/start_up/process_"
+_join_timeout_s = DEFAULT_JOIN_TIMEOUT_S  # set by initialize_distributed
 
 
 class ParallelError(ValueError):
@@ -220,13 +237,17 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = DEFAULT_JOIN_TIMEOUT_S,
 ) -> None:
     """Join JAX's multi-process runtime; call once per process before anything touches devices.
 
     Arguments left None are auto-detected by JAX (TPU pods, SLURM, Open MPI, ...); the explicit
     ones are for other launchers. Afterwards `jax.devices()` lists every process's devices.
-    A ParallelError says what is missing or out of range.
+    A ParallelError says what is missing or out of range. If not every process has joined after
+    `timeout_s` seconds, this process prints which one is missing and what to check, and exits
+    with status 1; `check_processes_agree` waits as long.
     """
+    global _join_timeout_s
     explicit = "--coordinator_address=host:port --num_processes=N --process_id=i"
     if coordinator_address is not None:
         host, _, port = coordinator_address.rpartition(":")
@@ -244,10 +265,169 @@ def initialize_distributed(
             f"--process_id={process_id}: it must be in 0..{num_processes - 1} "
             f"(--num_processes={num_processes}), a different one for each process."
         )
+    if timeout_s < 1:
+        raise ParallelError(f"--distributed_timeout={timeout_s}: it must be at least 1 second.")
+    _join_timeout_s = timeout_s
+    # JAX blocks in C++ until every process has joined and then aborts the process: a timer of
+    # ours says who is missing first.
+    watchdog = threading.Timer(
+        timeout_s, _exit_not_joined, (coordinator_address, num_processes, process_id, timeout_s)
+    )
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout_s + _JAX_ABORT_MARGIN_S,
+        )
     except ValueError as error:  # no cluster detected for what was left out
         raise ParallelError(
             f"Cannot join a multi-process run: {error} Outside a TPU pod or a SLURM/Open MPI "
             f"job, pass {explicit} to every process."
+        ) from None
+    finally:
+        watchdog.cancel()
+
+
+def not_joined_message(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    timeout_s: int,
+) -> str:
+    """What a process says when the others have not all joined after `timeout_s` seconds."""
+    coordinator = (
+        f"the coordinator {coordinator_address}" if coordinator_address else "the coordinator"
+    )
+    count = f"all {num_processes}" if num_processes else "all"
+    if process_id == 0:
+        if num_processes == 2:
+            others = "process 1 has not joined"
+        elif num_processes:
+            others = f"not all of processes 1..{num_processes - 1} have joined"
+        else:
+            others = "not all the other processes have joined"
+        missing = f"{others} (this process is {coordinator})"
+    elif coordinator_address and not _reachable(coordinator_address):
+        missing = f"process 0 ({coordinator}) cannot be reached from this host"
+    else:
+        missing = (
+            f"{coordinator} answers, but not {count} processes joined it (another process is "
+            "missing, or the processes were given different process counts)"
+        )
+    me = f"Process {process_id}" if process_id is not None else "This process"
+    return (
+        f"{me} waited {timeout_s} s (--distributed_timeout) for the multi-process run to start: "
+        f"{missing}. Check that {count} processes were started, each with "
+        f"--num_processes={num_processes or 'N'} and its own --process_id; that "
+        "--coordinator_address is process 0's host and a free port, the same on every process; "
+        "and that no firewall blocks that port between the hosts."
+    )
+
+
+def _reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def _exit_not_joined(*args: Any) -> None:
+    # Runs in the timer's thread while the main thread is blocked in JAX's C++: only os._exit
+    # ends the process.
+    from resnet_jax import cli  # imports this module
+
+    try:
+        cli.exit_with_message(not_joined_message(*args))
+    finally:
+        os._exit(1)
+
+
+def check_processes_agree(config: Any, workdir: str | Path) -> None:
+    """Raise the same ParallelError on every process unless all processes of a multi-process run
+    were given the same `config` (a ConfigDict or dict, as given: compared by a hash of its JSON)
+    and see one shared `workdir`.
+
+    Process 0 writes a random token into `workdir`; every other process must read it back. The
+    exchange uses JAX's coordination service, not the devices, so it works before any device is
+    used and waits at most the join timeout for a process that stopped before reaching it.
+    Nothing happens in a single-process run.
+    """
+    client = jax_distributed.global_state.client  # what orbax's multihost helpers use too
+    count = jax_distributed.global_state.num_processes or 1
+    if client is None or count == 1:
+        return
+    index = jax_distributed.global_state.process_id
+    token_file = Path(workdir).expanduser().absolute() / SHARED_WORKDIR_FILE
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else config
+    config_json = json.dumps(as_dict, sort_keys=True, default=repr)
+    mine = {"config": hashlib.sha256(config_json.encode()).hexdigest()}
+    if index == 0:
+        mine["token"] = secrets.token_hex(16)
+        mine["workdir"] = _write_token(token_file, mine["token"])
+        client.key_value_set(f"{_AGREEMENT_KEY}0", json.dumps(mine))
+        first = mine
+    else:
+        first = _entry(client, 0)
+        mine["workdir"] = _read_token(token_file, first["token"])
+        client.key_value_set(f"{_AGREEMENT_KEY}{index}", json.dumps(mine))
+    entries = [mine if i == index else first if i == 0 else _entry(client, i) for i in range(count)]
+    if index == 0:
+        token_file.unlink(missing_ok=True)  # every process has read it
+    problems = []
+    differ = [str(i) for i, entry in enumerate(entries) if entry["config"] != first["config"]]
+    if differ:
+        problems.append(
+            f"process{'es' if len(differ) > 1 else ''} {', '.join(differ)} run a different config "
+            "from process 0's (another config file, other --config.KEY=VALUE overrides, or "
+            "another version of the code): start every process with the same command line, "
+            "apart from --process_id"
+        )
+    unseen = [
+        f"process {i} {entry['workdir']}" for i, entry in enumerate(entries) if entry["workdir"]
+    ]
+    if unseen:
+        problems.append(
+            f"the processes do not share --workdir {token_file.parent} ({'; '.join(unseen)}): "
+            "every process must write the same checkpoints, so put the workdir on a filesystem "
+            "every host mounts (NFS, a bucket mounted with FUSE) at the same path"
+        )
+    if problems:
+        raise ParallelError(f"This multi-process run cannot start: {'; '.join(problems)}.")
+
+
+def _write_token(path: Path, token: str) -> str:
+    """Write `token` to `path`; "" or what went wrong, in words that follow "process 0"."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+        return ""
+    except OSError as error:
+        return f"cannot write {path} ({error.strerror or error})"
+
+
+def _read_token(path: Path, token: str) -> str:
+    """ "" if `path` holds `token`, else what this process sees instead."""
+    try:
+        found = path.read_text()
+    except OSError as error:
+        return f"cannot read the file process 0 wrote there, {path} ({error.strerror or error})"
+    return "" if found == token else f"finds another run's {path}, not the one process 0 wrote"
+
+
+def _entry(client: Any, index: int) -> dict[str, Any]:
+    """Process `index`'s start-up entry, waiting for it at most the join timeout."""
+    try:
+        return json.loads(
+            client.blocking_key_value_get(f"{_AGREEMENT_KEY}{index}", _join_timeout_s * 1000)
+        )
+    except jax.errors.JaxRuntimeError:
+        raise ParallelError(
+            f"Process {index} did not reach the start-up checks of the multi-process run within "
+            f"{_join_timeout_s} s (--distributed_timeout): it stopped before them (its own output "
+            "says why) or is still loading. Fix what it reports and start every process again."
         ) from None

@@ -6,26 +6,32 @@ has one JSON object per line: `"record": "step"` every `log_every_steps` (train_
 train_accuracy, learning_rate, images_per_second) and `"record": "epoch"` at each epoch's end
 (the epoch's train_* means and the evaluation split's val_* or test_* figures, and
 `steps_per_epoch`); both carry `step` and `epoch` (fractional for step records, the epoch's
-number for epoch records: `epochs_done` gives where an epoch record falls). TensorBoard's
-writer is its own numpy-only one, so TensorFlow is never started for logging.
+number for epoch records: `epochs_done` gives where an epoch record falls). The TensorBoard
+events hold the same numbers: on resume they are written again from metrics.jsonl, so that each
+step shows once. Whole files are replaced atomically (`files`), and a file that cannot be written
+(a full disk) raises `files.WriteError`, which explains itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from resnet_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
+EVENTS_GLOB = "events.out.tfevents.*"
 
 
 class Reporter:
@@ -36,35 +42,67 @@ class Reporter:
         self.enabled = enabled
         self._tensorboard = None
         if enabled:
-            from tensorboard.summary import Writer
+            with files.explain_write_errors(self.workdir):
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            self._open_tensorboard()
 
-            self.workdir.mkdir(parents=True, exist_ok=True)
+    def _open_tensorboard(self) -> None:
+        from tensorboard.summary import Writer
+
+        with self._writing_events():
             self._tensorboard = Writer(str(self.workdir))
+
+    @contextlib.contextmanager
+    def _writing_events(self) -> Iterator[None]:
+        # TensorBoard writes through TensorFlow's file layer when TensorFlow is installed, whose
+        # errors (tf.errors.*) are not OSErrors.
+        try:
+            yield
+        except Exception as error:
+            if isinstance(error, OSError) or type(error).__module__.startswith("tensorflow"):
+                raise files.write_error(f"TensorBoard events in {self.workdir}", error) from None
+            raise
 
     def write_config(self, config_json: str) -> None:
         """config.json: the resolved config of this (latest) invocation."""
         if self.enabled:
-            (self.workdir / CONFIG_FILE).write_text(config_json + "\n")
+            files.write_text(self.workdir / CONFIG_FILE, config_json + "\n")
 
     def keep_history_until(self, step: int) -> None:
-        """Drop metrics.jsonl records after `step`: on resume, those steps are trained again."""
+        """Drop the records after `step` (on resume, those steps are trained again) from
+        metrics.jsonl and from the TensorBoard events, which are written again from it."""
         if not self.enabled:
             return
         records = [r for r in read_metrics(self.workdir) if r["step"] <= step]
         lines = "".join(json.dumps(r) + "\n" for r in records)
-        (self.workdir / METRICS_FILE).write_text(lines)
+        files.write_text(self.workdir / METRICS_FILE, lines)
+        self.close()
+        with self._writing_events():
+            for events in self.workdir.glob(EVENTS_GLOB):
+                events.unlink()
+        self._open_tensorboard()
+        for record in records:
+            self._add_scalars(record)
+        with self._writing_events():
+            self._tensorboard.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and its numbers to TensorBoard."""
         if not self.enabled:
             return
-        with open(self.workdir / METRICS_FILE, "a") as f:
+        path = self.workdir / METRICS_FILE
+        with files.explain_write_errors(path), open(path, "a") as f:
             f.write(json.dumps(_json_ready(record)) + "\n")
+        self._add_scalars(record)
+        with self._writing_events():
+            self._tensorboard.flush()
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
         prefix = "epoch/" if record.get("record") == "epoch" else ""
-        for key, value in record.items():
-            if key not in ("step", "epoch", "record") and isinstance(value, int | float):
-                self._tensorboard.add_scalar(prefix + key, value, step=record["step"])
-        self._tensorboard.flush()
+        with self._writing_events():
+            for key, value in record.items():
+                if key not in ("step", "epoch", "record") and isinstance(value, int | float):
+                    self._tensorboard.add_scalar(prefix + key, value, step=record["step"])
 
     def plot_curves(self) -> None:
         """curves.png: loss and accuracy (train and evaluation) and the learning rate by epoch."""
@@ -78,13 +116,14 @@ class Reporter:
 
     def close(self) -> None:
         if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+            writer, self._tensorboard = self._tensorboard, None
+            with self._writing_events():
+                writer.close()
 
 
 def write_results(results: dict[str, Any], json_path: Path, confusion_png: Path) -> None:
-    """Test results as JSON, and their confusion matrix as a picture."""
-    Path(json_path).write_text(json.dumps(_json_ready(results), indent=2) + "\n")
+    """Test results as JSON, and their confusion matrix as a picture (each written atomically)."""
+    files.write_text(json_path, json.dumps(_json_ready(results), indent=2) + "\n")
     plot_confusion_matrix(
         np.asarray(results["confusion_matrix"]),
         results["class_names"],
@@ -146,7 +185,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
         if ax is not lr_ax and ax.has_data():
             ax.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    files.write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100))
 
 
 def plot_confusion_matrix(
@@ -171,7 +210,7 @@ def plot_confusion_matrix(
             color = "white" if count > threshold else "black"
             ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    files.write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100))
 
 
 def _json_ready(value: Any) -> Any:

@@ -39,6 +39,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     DivergedError if the loss or parameters become NaN/inf, and loop.Interrupted on SIGTERM/SIGINT
     (after saving a checkpoint).
     """
+    parallel.check_processes_agree(config, workdir)
     config = config_utils.resolve(config)
     workdir = prepare_workdir(workdir)
     builders.enable_compilation_cache(config.compilation_cache_dir)
@@ -177,6 +178,10 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+    flags.DEFINE_integer(
+        "distributed_timeout", parallel.DEFAULT_JOIN_TIMEOUT_S,
+        "Multi-process: seconds to wait for every process to join, then say which is missing.",
+    )  # fmt: skip
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -189,8 +194,9 @@ def main(argv: list[str]) -> int:
     by_hand = (flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
     if flags.FLAGS.distributed or any(value is not None for value in by_hand):
         parallel.initialize_distributed(
-            flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
-        )
+            flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+            timeout_s=flags.FLAGS.distributed_timeout,
+        )  # fmt: skip
     config = flags.FLAGS.config
     given = config_flags.get_override_values(flags.FLAGS["config"])
     config_utils.epochs_replace_steps(config, given)

@@ -60,9 +60,15 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
                 "one workdir would overwrite each other's checkpoints: wait for that run to end "
                 "(or stop it; its checkpoints are kept), or use another --workdir."
             ) from None
-        lock.truncate(0)
-        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+        try:
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        except OSError as error:  # a full disk shows first here
+            raise ConfigError(
+                f"Cannot write to --workdir {workdir}: {error.strerror or error}. Free disk space "
+                "or pass another --workdir."
+            ) from None
         yield
 
 

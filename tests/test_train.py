@@ -259,7 +259,7 @@ def test_pretrained_weights_are_loaded_where_they_fit(tmp_path):
 
 
 TRAIN_FLAGS = ("config", "workdir", "distributed", "coordinator_address", "num_processes",
-               "process_id")  # fmt: skip
+               "process_id", "distributed_timeout")  # fmt: skip
 
 
 def _remove_flags(names: list[str]) -> dict[str, flags.Flag]:
