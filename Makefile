@@ -7,7 +7,7 @@ WORKDIR ?= workdir/$(basename $(notdir $(CONFIG)))
 ARGS ?=
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup train test lint format bench clean
+.PHONY: setup train test test-fast lint format bench clean
 
 # The stamp makes setup idempotent: pip runs again only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +31,10 @@ format: setup
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no subprocess, no training loop (a few minutes on 2 cores).
+test-fast: setup
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 bench: setup
 	$(PY) experiments/benchmark.py $(ARGS)

@@ -31,6 +31,14 @@ with contextlib.suppress(ImportError):
 from tests.fake_cifar import prepare_fake_cifar10
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The fast tier (`make test-fast`: pytest -m "not slow") runs no subprocess and no training loop.
+# These modules do so throughout, and tests that ask for these fixtures train a tiny run.
+END_TO_END_MODULES = {
+    "test_benchmark", "test_cli", "test_experiments", "test_faults", "test_imports",
+    "test_multihost", "test_multihost_faults", "test_parallel", "test_reliability",
+    "test_transfer", "test_wheel",
+}  # fmt: skip
+TRAINING_FIXTURES = {"trained_run", "tiny_overrides"}
 SUBPROCESS_TIMEOUT_S = 300
 
 
@@ -138,3 +146,11 @@ def trained_run(shared_dir: Path, tiny_overrides: list[str]) -> dict:
     run = json.loads(record.read_text())
     run["workdir"] = Path(run["workdir"])
     return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the end-to-end tests slow, so that `-m "not slow"` is the fast tier."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in END_TO_END_MODULES or TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

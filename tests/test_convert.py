@@ -309,7 +309,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
-@slow
+@slow  # a subprocess
 def test_cli_writes_a_checkpoint_that_loads_like_the_file(tmp_path):
     path = save_weights(torch_reference("resnet18")[0], tmp_path / "resnet18.pth")
     output = tmp_path / "converted"
@@ -329,7 +329,7 @@ def test_cli_writes_a_checkpoint_that_loads_like_the_file(tmp_path):
     chex.assert_trees_all_equal(variables, direct)
 
 
-@slow
+@slow  # a subprocess
 def test_cli_missing_input_fails_with_one_paragraph(tmp_path):
     missing = tmp_path / "resnet34.pth"
 

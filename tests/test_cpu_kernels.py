@@ -98,6 +98,7 @@ def train_outputs(model: models.ResNet, variables: dict, images: jax.Array) -> t
     return logits, grads, stats
 
 
+@pytest.mark.slow  # compiles two whole nets' gradients twice each
 @pytest.mark.parametrize(
     ("net", "image_size"),
     [
@@ -529,6 +530,7 @@ KERNEL_GRADIENT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess
 @needs_shim
 def test_a_conv_gives_the_same_gradients_whatever_openmp_setting_its_thread_has(tmp_path):
     # oneDNN splits the kernel gradient's sums by the thread count of the thread that builds the

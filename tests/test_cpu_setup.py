@@ -72,6 +72,7 @@ print(faults, jax.config.values["jax_cpu_enable_async_dispatch"])
 @pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only"
 )
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_a_step_reuses_the_memory_freed_by_the_last(switch):
     env = {**os.environ, process.MALLOC_ENV: switch}

@@ -81,6 +81,7 @@ def test_a_prepared_dataset_needs_no_archive(tmp_path, no_network):
     assert sorted(again.val.labels) == sorted(set(written.train_labels))
 
 
+@pytest.mark.slow  # a subprocess
 def test_runs_started_together_prepare_the_dataset_once(tmp_path):
     # A sweep starts its runs at once on one data_dir: none may read a half-prepared dataset.
     prepare_fake_cifar10(tmp_path, n_train_per_batch=4, n_test=6)
