@@ -193,14 +193,15 @@ class JaxEvaluator:
 # The PyTorch side
 
 
-def torch_model(name: str):
+def torch_model(name: str, num_classes: int = NUM_CLASSES):
+    """torchvision's twin of `MODELS[name]` (resnet20: the twin module below)."""
     import torch
     import torchvision
 
     if name == "resnet20":
-        return TorchCifarResNet(3)
+        return TorchCifarResNet(3, num_classes)
     arch, stem = MODELS[name]
-    model = getattr(torchvision.models, arch)(num_classes=NUM_CLASSES)
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
     if stem == "cifar":  # the CIFAR stem: 3x3/1 conv, no max-pool
         model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         model.maxpool = torch.nn.Identity()
@@ -253,8 +254,8 @@ def _torch_cifar_resnet():
     return CifarResNet
 
 
-def TorchCifarResNet(n: int):
-    return _torch_cifar_resnet()(n)
+def TorchCifarResNet(n: int, num_classes: int = NUM_CLASSES):
+    return _torch_cifar_resnet()(n, num_classes)
 
 
 class TorchTrainer:

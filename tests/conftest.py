@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import runpy
@@ -39,6 +40,10 @@ END_TO_END_MODULES = {
     "test_transfer", "test_wheel",
 }  # fmt: skip
 TRAINING_FIXTURES = {"trained_run", "tiny_overrides"}
+# Where tensorflow_datasets is not installed (the GPU machine's image), tests that prepare a dataset
+# through it skip: those marked `tfds` and those asking for the fake CIFAR-10 data_dir.
+HAS_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
+TFDS_FIXTURES = {"data_dir", *TRAINING_FIXTURES}
 SUBPROCESS_TIMEOUT_S = 300
 
 
@@ -149,8 +154,13 @@ def trained_run(shared_dir: Path, tiny_overrides: list[str]) -> dict:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the end-to-end tests slow, so that `-m "not slow"` is the fast tier."""
+    """Mark the end-to-end tests slow, so that `-m "not slow"` is the fast tier; skip the tests
+    that need tensorflow_datasets where it is not installed."""
+    no_tfds = pytest.mark.skip(reason="tensorflow_datasets is not installed")
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         if module in END_TO_END_MODULES or TRAINING_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+        needs_tfds = item.get_closest_marker("tfds") or TFDS_FIXTURES & set(item.fixturenames)
+        if needs_tfds and not HAS_TFDS:
+            item.add_marker(no_tfds)

@@ -53,6 +53,7 @@ def _tfds_record_indices(data_dir: Path, split: str) -> np.ndarray:
     return np.array([int(example_id.split(b"_")[1]) for example_id in ids])
 
 
+@pytest.mark.tfds
 def test_fake_archive_loads_through_the_tfds_builder(fake_cifar10):
     data_dir, written, dataset = fake_cifar10
     assert dataset.class_names == list(CIFAR10_CLASS_NAMES)
@@ -71,6 +72,7 @@ def test_fake_archive_loads_through_the_tfds_builder(fake_cifar10):
         np.testing.assert_array_equal(split.labels, labels[records])
 
 
+@pytest.mark.tfds
 def test_a_prepared_dataset_needs_no_archive(tmp_path, no_network):
     written = prepare_fake_cifar10(tmp_path, n_train_per_batch=10, n_test=10)
     data.load("cifar10", str(tmp_path), verify_checksums=False)
@@ -81,6 +83,7 @@ def test_a_prepared_dataset_needs_no_archive(tmp_path, no_network):
     assert sorted(again.val.labels) == sorted(set(written.train_labels))
 
 
+@pytest.mark.tfds
 @pytest.mark.slow  # a subprocess
 def test_runs_started_together_prepare_the_dataset_once(tmp_path):
     # A sweep starts its runs at once on one data_dir: none may read a half-prepared dataset.
@@ -107,6 +110,7 @@ def test_runs_started_together_prepare_the_dataset_once(tmp_path):
         assert stdout.split()[-3:] == ["20", "6", "airplane"]  # after what tfds prints
 
 
+@pytest.mark.tfds
 def test_missing_archive_offline_says_where_to_put_it(tmp_path, no_network):
     with pytest.raises(data.DataError) as error:
         data.load("cifar10", str(tmp_path))
@@ -117,6 +121,7 @@ def test_missing_archive_offline_says_where_to_put_it(tmp_path, no_network):
     assert list(tmp_path.iterdir()) == []  # it failed before tfds wrote anything
 
 
+@pytest.mark.tfds
 def test_a_data_dir_under_home_is_expanded(tmp_path, no_network, monkeypatch):
     # "--data_dir=~/data": no shell expands a "~" after "=".
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -125,6 +130,7 @@ def test_a_data_dir_under_home_is_expanded(tmp_path, no_network, monkeypatch):
     assert str(tmp_path / "data" / "downloads" / "manual" / ARCHIVE_NAME) in str(error.value)
 
 
+@pytest.mark.tfds
 def test_checksum_of_a_repacked_archive_is_verified(tmp_path, no_network):
     prepare_fake_cifar10(tmp_path)
     with pytest.raises(data.DataError, match=r"sha256.*verify_checksums=False") as error:
@@ -132,6 +138,7 @@ def test_checksum_of_a_repacked_archive_is_verified(tmp_path, no_network):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.tfds
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(data.DataError, match=r"'cifar10'.*folder:"):
         data.load("cifar_ten", str(tmp_path))
