@@ -86,22 +86,8 @@ def gemm_peak(size: int, repeats: int = 5) -> dict[str, float]:
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
     matmul = jax.jit(jnp.matmul)
-    matmul(a, a).block_until_ready()
     ta = torch.from_numpy(np.array(a))
-    ta @ ta
-
-    def jax_run(n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            out = matmul(a, a)
-        out.block_until_ready()
-        return (time.perf_counter() - start) / n
-
-    def torch_run(n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            ta @ ta
-        return (time.perf_counter() - start) / n
+    jax_run, torch_run = timed(lambda: matmul(a, a)), timed(lambda: ta @ ta)
 
     result = alternate({"jax": jax_run, "torch": torch_run}, repeats, 3)
     flops = 2.0 * size**3
@@ -459,7 +445,9 @@ def conv_layers(batch_size: int, windows: int, quick: bool) -> list[dict[str, An
     return rows
 
 
-def _timed(fn: Callable[[], Any]) -> Callable[[int], float]:
+def timed(fn: Callable[[], Any]) -> Callable[[int], float]:
+    """`run(n)`: the seconds per call of `fn` over n calls, its outputs waited for (warmed up)."""
+
     def run(n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
@@ -486,9 +474,9 @@ def _jax_conv_passes(x: np.ndarray, w: np.ndarray, stride: int, kind: str) -> di
     input_grad = jax.jit(lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
     kernel_grad = jax.jit(lambda x, w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
     return {
-        "forward": _timed(lambda: forward(x, w)),
-        "input_grad": _timed(lambda: input_grad(x, w)),
-        "kernel_grad": _timed(lambda: kernel_grad(x, w)),
+        "forward": timed(lambda: forward(x, w)),
+        "input_grad": timed(lambda: input_grad(x, w)),
+        "kernel_grad": timed(lambda: kernel_grad(x, w)),
     }
 
 
@@ -501,10 +489,10 @@ def _torch_conv_passes(x: np.ndarray, w: np.ndarray, stride: int) -> dict[str, C
 
     def backward(mask: list[bool]):
         args = (dy, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
-        return _timed(lambda: torch.ops.aten.convolution_backward(*args))
+        return timed(lambda: torch.ops.aten.convolution_backward(*args))
 
     return {
-        "forward": _timed(lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1)),
+        "forward": timed(lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1)),
         "input_grad": backward([True, False, False]),
         "kernel_grad": backward([False, True, False]),
     }

@@ -86,15 +86,7 @@ def bf16_matmul_tflop_s(size: int, windows: int, window_s: float) -> float:
     a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
     b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
     matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            out = matmul(a, b)
-        out.block_until_ready()
-        return (time.perf_counter() - start) / n
-
+    run = benchmark.timed(lambda: matmul(a, b))
     steps = steps_per_window(run, window_s)
     seconds = benchmark.alternate({"matmul": run}, windows, steps)["matmul"]
     return 2.0 * size**3 / seconds / 1e12
