@@ -30,8 +30,10 @@ def decode_image(data: bytes | Path, name: str = "") -> Image.Image:
     """
     name = name or (str(data) if isinstance(data, Path) else "<bytes>")
     try:
-        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data.read_bytes() if isinstance(data, Path) else data))
+        image.load()
+        # What convert("RGB") returns for an RGB image, without its copy of the pixels.
+        return image if image.mode == "RGB" else image.convert("RGB")
     # OSError: unknown format, truncated data, unreadable file; the others: corrupt headers.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadImage(f"Skipped {name}: it is not a readable image ({error}).") from error
