@@ -7,7 +7,7 @@ WORKDIR ?= workdir/$(basename $(notdir $(CONFIG)))
 ARGS ?=
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup train test test-fast lint format bench clean
+.PHONY: setup train test test-fast lint format bench bench-pipeline clean
 
 # The stamp makes setup idempotent: pip runs again only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) experiments/benchmark.py $(ARGS)
+
+# JPEG decode + RandomResizedCrop + flip: grain against torchvision's DataLoader (docs/PERFORMANCE.md).
+bench-pipeline: setup
+	$(PY) experiments/pipeline_benchmark.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -71,3 +71,23 @@ def test_quick_gpu_benchmark_runs_without_what_the_gpu_image_lacks(tmp_path):
             assert row[f"{side}_img_s"] > 0 and row[f"{side}_mfu"] > 0
         assert row["vs_torch_eager"] > 0 and row["vs_torch_compile"] > 0
         assert f"| {row['name']} | {row['image_size']} | {row['batch_size']} |" in proc.stdout
+
+
+PIPELINE_BENCHMARK = BENCHMARK.with_name("pipeline_benchmark.py")
+
+
+@pytest.mark.slow
+def test_quick_pipeline_benchmark_runs(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(PIPELINE_BENCHMARK), "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["folder"]["images"] == 64
+    assert [row["workers"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        for side in ("grain", "torch"):
+            assert row[f"{side}_img_s"] > 0 and row[f"{side}_cpu_ms_per_img"] > 0
+        assert row["ratio"] > 0 and f"| {row['workers']} | " in proc.stdout
+    assert result["step"]["img_s"] > 0 and "bounds training here" in proc.stdout
