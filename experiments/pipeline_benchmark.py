@@ -299,7 +299,7 @@ def print_report(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--folder", default="", help="use this folder's train/<class>/*.jpg instead")
-    p.add_argument("--images", type=int, default=2048, help="JPEGs to write (without --folder)")
+    p.add_argument("--images", type=int, default=1024, help="JPEGs to write (without --folder)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--batch_size", type=int, default=128)
