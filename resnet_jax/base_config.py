@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # CIFAR stem's 3x3 conv1 has no ImageNet counterpart) would keep it random, an error unless
     # this is True.
     model.freeze_random_layers = False
+    # Stochastic depth: at training, drop each block's residual branch for a random fraction of
+    # the examples (the rest scaled by 1/keep), rising linearly from 0 at the first block to this
+    # rate at the last, as timm's drop_path_rate (e.g. 0.05-0.1 on ResNet-50); 0 = off.
+    model.drop_path_rate = 0.0
 
     config.dataset = dataset = ml_collections.ConfigDict()
     # "cifar10", any tfds image-classification dataset, or "folder:/path" (train/ test/ [val/]).
