@@ -97,6 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
     # without a validation split) or "final" (the last, as He et al. report theirs).
     config.results_checkpoint = "best_val"
     config.log_every_steps = 100  # how often train metrics are fetched from the device and logged
+    # A jax.profiler trace of the train steps start_step + 1 .. start_step + num_steps (counted
+    # from 1) into <workdir>/profile, for TensorBoard's profile plugin or Perfetto; 0 steps = off.
+    config.profile = profile = ml_collections.ConfigDict()
+    profile.start_step = 10  # steps before the trace: compiling and warm-up stay out of it
+    profile.num_steps = 0
     # JAX's persistent compilation cache: a rerun skips compiling; "" turns it off.
     config.compilation_cache_dir = "~/.cache/resnet_jax/jax_cache"
     return config

@@ -56,6 +56,8 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "checkpoint_every_epochs": (">= 1", lambda v: v >= 1),
     "keep_checkpoints": (">= 1", lambda v: v >= 1),
     "log_every_steps": (">= 1", lambda v: v >= 1),
+    "profile.start_step": (">= 0", lambda v: v >= 0),
+    "profile.num_steps": (">= 0 (0 = no trace)", lambda v: v >= 0),
     **{
         f"{section}.{option.key}": option.limit
         for section in optim.SECTIONS
