@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     # from 1) into <workdir>/profile, for TensorBoard's profile plugin or Perfetto; 0 steps = off.
     config.profile = profile = ml_collections.ConfigDict()
     profile.start_step = 10  # steps before the trace: compiling and warm-up stay out of it
-    profile.num_steps = 0
+    profile.num_steps = 0  # how many steps to trace; 0 = no trace
     # JAX's persistent compilation cache: a rerun skips compiling; "" turns it off.
     config.compilation_cache_dir = "~/.cache/resnet_jax/jax_cache"
     return config
