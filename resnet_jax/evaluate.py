@@ -219,10 +219,14 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}.")
     options = flags.FLAGS
     output = Path(options.output).expanduser() if options.output else None
-    if output is not None:  # before the evaluation, which can take minutes
-        files.check_writable(output.absolute().parent, "--output's directory")
     if options.tta != "none" and (options.workdir or options.checkpoint):
         output = tta_output(options.workdir, options.checkpoint, options.output, options.tta)
+    # Checked before the evaluation, which can take minutes; a workdir that does not exist is
+    # find_checkpoint's to explain.
+    if options.output:
+        files.check_writable(output.absolute().parent, "--output's directory")
+    elif output is not None and output.parent.is_dir():
+        files.check_writable(output.parent, "the run's workdir (for the --tta results)")
     results = evaluate_checkpoint(
         options.workdir, options.checkpoint, options.data_dir, options.tta
     )
