@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # CIFAR stem's 3x3 conv1 has no ImageNet counterpart) would keep it random, an error unless
     # this is True.
     model.freeze_random_layers = False
+    # Stochastic depth: at training, drop each block's residual branch for a random fraction of
+    # the examples (the rest scaled by 1/keep), rising linearly from 0 at the first block to this
+    # rate at the last, as timm's drop_path_rate (e.g. 0.05-0.1 on ResNet-50); 0 = off.
+    model.drop_path_rate = 0.0
 
     config.dataset = dataset = ml_collections.ConfigDict()
     # "cifar10", any tfds image-classification dataset, or "folder:/path" (train/ test/ [val/]).
@@ -93,6 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
     # without a validation split) or "final" (the last, as He et al. report theirs).
     config.results_checkpoint = "best_val"
     config.log_every_steps = 100  # how often train metrics are fetched from the device and logged
+    # A jax.profiler trace of the train steps start_step + 1 .. start_step + num_steps (counted
+    # from 1) into <workdir>/profile, for TensorBoard's profile plugin or Perfetto; 0 steps = off.
+    config.profile = profile = ml_collections.ConfigDict()
+    profile.start_step = 10  # steps before the trace: compiling and warm-up stay out of it
+    profile.num_steps = 0  # how many steps to trace; 0 = no trace
     # JAX's persistent compilation cache: a rerun skips compiling; "" turns it off.
     config.compilation_cache_dir = "~/.cache/resnet_jax/jax_cache"
     return config

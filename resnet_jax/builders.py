@@ -97,6 +97,7 @@ def build_model(
         width=config.model.width or None,
         zero_init_residual=config.model.zero_init_residual,
         frozen_stages=config_utils.frozen_stages(config, num_stages),
+        drop_path_rate=config.model.drop_path_rate,
         dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
         axis_name=axis_name,
         kernels=config.model.kernels,

@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # Ranges of the numeric keys: (the requirement as users read it, the test).
 LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model.width": (">= 0 (0 = the family's own)", lambda v: v >= 0),
+    "model.drop_path_rate": ("in [0, 1) (0 = off)", lambda v: 0 <= v < 1),
     "dataset.image_size": (">= 0 (0 = as stored)", lambda v: v >= 0),
     "dataset.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "augment.crop_padding": (">= 0", lambda v: v >= 0),
@@ -55,6 +56,8 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "checkpoint_every_epochs": (">= 1", lambda v: v >= 1),
     "keep_checkpoints": (">= 1", lambda v: v >= 1),
     "log_every_steps": (">= 1", lambda v: v >= 1),
+    "profile.start_step": (">= 0", lambda v: v >= 0),
+    "profile.num_steps": (">= 0 (0 = no trace)", lambda v: v >= 0),
     **{
         f"{section}.{option.key}": option.limit
         for section in optim.SECTIONS

@@ -2,13 +2,19 @@
 
     python -m resnet_jax.evaluate --workdir W            # the checkpoint results.json reports
     python -m resnet_jax.evaluate --checkpoint W/checkpoints/7020 --output eval.json
+    python -m resnet_jax.evaluate --workdir W --tta flip  # test-time augmentation
 
 Prints loss, accuracy, macro precision/recall/F1, the per-class figures and the confusion matrix;
 `--output` also writes them as JSON (results.json's format) and `confusion_matrix.png` beside it.
+`--tta flip` classifies each test image by the mean of the logits of the image and of its mirror
+image (left-right) as the model sees them (after the eval preprocessing); its results go to
+`results_tta_flip.json` (and .png) in the run's workdir unless `--output` says where, never over
+the plain results.json.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +96,36 @@ def eval_state(
     )
 
 
+def flip_averaged(apply_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`apply_fn` whose logits are the mean of the logits of the images and of their left-right
+    mirror images (test-time augmentation "flip")."""
+
+    def apply(variables: dict[str, Any], images: jax.Array, **kwargs: Any) -> jax.Array:
+        logits = apply_fn(variables, images, **kwargs)
+        mirrored = apply_fn(variables, images[:, :, ::-1], **kwargs)
+        return (logits + mirrored) / 2
+
+    return apply
+
+
+# Test-time augmentations: how each changes the model's apply function.
+TTA: dict[str, Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]] = {
+    "flip": flip_averaged
+}
+
+
 def evaluate_checkpoint(
-    workdir: str | None = None, checkpoint_path: str | None = None, data_dir: str | None = None
+    workdir: str | None = None,
+    checkpoint_path: str | None = None,
+    data_dir: str | None = None,
+    tta: str = "none",
 ) -> dict[str, Any]:
-    """results.json's figures for a checkpoint, on the test split of the dataset it trained on."""
+    """results.json's figures for a checkpoint, on the test split of the dataset it trained on.
+
+    `tta`: "none", or a test-time augmentation of `TTA` (its name is then in the results' "tta").
+    """
+    if tta != "none" and tta not in TTA:
+        raise ConfigError(f"Unknown --tta {tta!r}: use none or {' or '.join(TTA)}.")
     checkpoints, step, why = find_checkpoint(workdir, checkpoint_path)
     try:
         meta = checkpoints.meta(step)
@@ -105,8 +137,14 @@ def evaluate_checkpoint(
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
-    state = par.place_state(eval_state(config, variables, dataset.num_classes, dataset.image_shape))
-    logging.info("Testing %s's checkpoint at step %d (%s).", config.model.name, step, why)
+    state = eval_state(config, variables, dataset.num_classes, dataset.image_shape)
+    if tta != "none":
+        state = state.replace(apply_fn=TTA[tta](state.apply_fn))
+    state = par.place_state(state)
+    logging.info(
+        "Testing %s's checkpoint at step %d (%s)%s.", config.model.name, step, why,
+        "" if tta == "none" else f", test-time augmentation {tta}",
+    )  # fmt: skip
     evaluation = loop.evaluate_split(par.compile_eval_step(), state, dataset.test, par, batch_size)
     return {
         **loop.summarize_test(evaluation, dataset.class_names),
@@ -115,7 +153,24 @@ def evaluate_checkpoint(
         "checkpoint_selection": why,
         "model": config.model.name,
         "dataset": config.dataset.name,
+        **({} if tta == "none" else {"tta": tta}),
     }
+
+
+def tta_output(
+    workdir: str | None, checkpoint_path: str | None, output: str | None, tta: str
+) -> Path:
+    """Where `--tta` results go: `output`, or results_tta_<name>.json in the run's workdir; never
+    the plain results.json."""
+    run_dir = Path(workdir or Path(checkpoint_path).parent.parent).expanduser().absolute()
+    path = Path(output).expanduser().absolute() if output else run_dir / f"results_tta_{tta}.json"
+    if path == run_dir / reporting.RESULTS_FILE:
+        raise ConfigError(
+            f"--output {path} is the run's plain results.json, which --tta {tta} must not "
+            f"replace: leave --output out (the results go to {run_dir}/results_tta_{tta}.json) "
+            "or pass another file."
+        )
+    return path
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -125,7 +180,8 @@ def format_results(results: dict[str, Any]) -> str:
     lines = [
         f"{results['model']} on {results['dataset']}, checkpoint step "
         f"{results['checkpoint_step']} (epoch {results['checkpoint_epoch']}, "
-        f"{results['checkpoint_selection']}), {results['num_test_examples']} test examples",
+        f"{results['checkpoint_selection']}), {results['num_test_examples']} test examples"
+        + (f", test-time augmentation {results['tta']}" if "tta" in results else ""),
         f"loss {results['test_loss']:.4f}   accuracy {results['test_accuracy']:.2%}   "
         f"macro precision {results['precision']:.4f}  recall {results['recall']:.4f}  "
         f"F1 {results['f1']:.4f}",
@@ -151,6 +207,11 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (W/checkpoints/<step>).")
     flags.DEFINE_string("data_dir", None, "Override the run's dataset.data_dir (data moved).")
     flags.DEFINE_string("output", None, "Also write the results as JSON here, and a confusion PNG.")
+    flags.DEFINE_enum(
+        "tta", "none", ["none", *TTA],
+        "Test-time augmentation: flip = mean logits of each image and its mirror; written to "
+        "W/results_tta_flip.json unless --output is given.",
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -158,9 +219,17 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}.")
     options = flags.FLAGS
     output = Path(options.output).expanduser() if options.output else None
-    if output is not None:  # before the evaluation, which can take minutes
+    if options.tta != "none" and (options.workdir or options.checkpoint):
+        output = tta_output(options.workdir, options.checkpoint, options.output, options.tta)
+    # Checked before the evaluation, which can take minutes; a workdir that does not exist is
+    # find_checkpoint's to explain.
+    if options.output:
         files.check_writable(output.absolute().parent, "--output's directory")
-    results = evaluate_checkpoint(options.workdir, options.checkpoint, options.data_dir)
+    elif output is not None and output.parent.is_dir():
+        files.check_writable(output.parent, "the run's workdir (for the --tta results)")
+    results = evaluate_checkpoint(
+        options.workdir, options.checkpoint, options.data_dir, options.tta
+    )
     print(format_results(results))
     if output is not None:
         reporting.write_results(results, output, output.with_suffix(".png"))

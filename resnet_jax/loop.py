@@ -24,7 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from resnet_jax import checkpoint, data, metrics, optim, parallel
+from resnet_jax import checkpoint, data, metrics, optim, parallel, profiling
 from resnet_jax import train_state as ts
 from resnet_jax.builders import REFERENCE_BATCH_SIZE, Plan, peak_learning_rate
 from resnet_jax.reporting import Reporter
@@ -201,6 +201,7 @@ def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
         mininterval=1.0, disable=not parallel.is_main_process(),
     )  # fmt: skip
     train_metrics = TrainMetrics(run.par.fetch, run.reporter, plan, bar)
+    trace = profiling.StepTrace.for_run(run.config, run.workdir)
     try:
         for epoch in range(first_step // plan.steps_per_epoch, plan.num_epochs):
             epoch_start = epoch * plan.steps_per_epoch
@@ -213,7 +214,9 @@ def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
             mid_epoch = steps.start > epoch_start
             train_metrics.start_epoch(resumed_sums if mid_epoch else None)
             bar.set_description(f"epoch {epoch + 1}/{plan.num_epochs}")
-            state, stopped_at = train_epoch(run, state, epoch, steps, train_metrics, bar, stop)
+            state, stopped_at = train_epoch(
+                run, state, epoch, steps, train_metrics, bar, stop, trace
+            )
             if stopped_at is not None:
                 save(run, state, epoch, epoch_train_sums=train_metrics.epoch_sums)
                 raise Interrupted(stop.signum, stopped_at)
@@ -223,6 +226,7 @@ def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
         message = diverged_message(bad, run.config, run.checkpoints.latest_step(), plan)
         raise DivergedError(message, epoch=diverged_epoch(bad, plan)) from None
     finally:
+        trace.close()
         bar.close()
     return state
 
@@ -235,17 +239,21 @@ def train_epoch(
     train_metrics: TrainMetrics,
     bar: tqdm,
     stop: StopSignal,
+    trace: profiling.StepTrace,
 ) -> tuple[ts.TrainState, int | None]:
-    """Run `steps` (0-based) of `epoch`. Returns the state, and the step count it stopped at if a
-    signal asked it to (else None). The epoch's last step never stops: the epoch is evaluated
-    first, so a checkpoint at an epoch's end always carries its validation accuracy."""
+    """Run `steps` (0-based) of `epoch`, `trace` profiling those it was asked to. Returns the
+    state, and the step count it stopped at if a signal asked it to (else None). The epoch's last
+    step never stops: the epoch is evaluated first, so a checkpoint at an epoch's end always
+    carries its validation accuracy."""
     batches = data.train_batches(
         run.dataset.train, run.config.batch_size, seed=run.config.seed, epoch=epoch,
         start_step=steps.start - epoch * run.plan.steps_per_epoch,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
     for step, batch in zip(steps, batches, strict=False):
+        trace.before(step, state)
         state, step_metrics = run.train_step(state, run.par.shard_batch(batch))
+        trace.after(step, state)
         train_metrics.add(step, step_metrics)
         bar.update(1)
         log_now = (step + 1) % run.config.log_every_steps == 0

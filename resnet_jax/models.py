@@ -115,8 +115,18 @@ def shortcut(x: jax.Array, filters: int, strides: int, kind: str, conv: ModuleDe
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, filters - x.shape[-1])))
 
 
+def drop_path(y: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+    """Stochastic depth: zero a block's residual branch `y` for a random `rate` of the examples and
+    scale the rest by 1 / (1 - rate); `y` as is when `deterministic` or rate 0.
+
+    The mask is drawn from the "dropout" rng, one draw per example (broadcast over H, W, C).
+    """
+    return nn.Dropout(rate, broadcast_dims=(1, 2, 3))(y, deterministic=deterministic)
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34 and the CIFAR nets)."""
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR nets). `drop_path_rate`: stochastic depth of the
+    residual branch at training (`deterministic=False`)."""
 
     filters: int
     conv: ModuleDef
@@ -125,22 +135,25 @@ class BasicBlock(nn.Module):
     shortcut: str = "B"
     residual: bool = True
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
     expansion: ClassVar[int] = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), 1, padding=((1, 1), (1, 1)), name="conv2")(y)
         y = self.norm(scale_init=last_scale_init, name="bn2")(y)
+        y = drop_path(y, self.drop_path_rate, deterministic)
         if self.residual:
             y = y + shortcut(x, self.filters, self.strides, self.shortcut, self.conv, self.norm)
         return nn.relu(y)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carrying the stride, torchvision v1.5), 1x1 expand by 4 (ResNet-50+)."""
+    """1x1 reduce, 3x3 (carrying the stride, torchvision v1.5), 1x1 expand by 4 (ResNet-50+).
+    `drop_path_rate`: as BasicBlock's."""
 
     filters: int
     conv: ModuleDef
@@ -149,10 +162,11 @@ class Bottleneck(nn.Module):
     shortcut: str = "B"
     residual: bool = True
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
     expansion: ClassVar[int] = 4
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         out_filters = self.filters * self.expansion
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.conv(self.filters, (1, 1), 1, padding=((0, 0), (0, 0)), name="conv1")(x)
@@ -161,6 +175,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(out_filters, (1, 1), 1, padding=((0, 0), (0, 0)), name="conv3")(y)
         y = self.norm(scale_init=last_scale_init, name="bn3")(y)
+        y = drop_path(y, self.drop_path_rate, deterministic)
         if self.residual:
             y = y + shortcut(x, out_filters, self.strides, self.shortcut, self.conv, self.norm)
         return nn.relu(y)
@@ -172,6 +187,9 @@ class ResNet(nn.Module):
     Stage i (1-based) has `stage_sizes[i-1]` blocks of width `stage_widths[i-1]`; every stage after
     the first halves the resolution. `frozen_stages=k` runs the stem and stages 1..k with BN in
     inference mode and stops gradients at their output (k=-1: nothing frozen, 0: the stem only).
+    `drop_path_rate`: stochastic depth at training, rising linearly over the blocks from 0 at the
+    first to this rate at the last (timm's ResNet); frozen stages never drop. Dropping draws from
+    the "dropout" rng, which `apply(..., train=True, rngs={"dropout": key})` must then pass.
     Stage outputs are sown into the "intermediates" collection as `stem`, `layer1`, ...
     `conv`, `norm` and `pool` build the layers: `nn.Conv`, `BatchNorm` and `nn.max_pool` or
     anything called like them (positional window, strides and explicit padding for `pool`).
@@ -187,6 +205,7 @@ class ResNet(nn.Module):
     residual: bool = True
     zero_init_residual: bool = False
     frozen_stages: int = -1
+    drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -222,6 +241,7 @@ class ResNet(nn.Module):
         x = self._freeze_boundary(x, 0)
         self.sow("intermediates", "stem", x)
 
+        block_rates = iter(drop_path_rates(self.stage_sizes, self.drop_path_rate))
         for stage, (num_blocks, width) in enumerate(
             zip(self.stage_sizes, self.stage_widths, strict=True), start=1
         ):
@@ -234,8 +254,9 @@ class ResNet(nn.Module):
                     shortcut=self.shortcut,
                     residual=self.residual,
                     zero_init_residual=self.zero_init_residual,
+                    drop_path_rate=next(block_rates),
                     name=f"layer{stage}_{index}",
-                )(x)
+                )(x, deterministic=stage <= self.frozen_stages or not train)
             x = self._freeze_boundary(x, stage)
             self.sow("intermediates", f"layer{stage}", x)
 
@@ -250,6 +271,13 @@ class ResNet(nn.Module):
         # Frozen layers get no gradient, so the backward pass stops at the last frozen stage.
         last_frozen = min(self.frozen_stages, len(self.stage_sizes))  # k past the last stage: all
         return jax.lax.stop_gradient(x) if stage == last_frozen else x
+
+
+def drop_path_rates(stage_sizes: Sequence[int], rate: float) -> list[float]:
+    """Each block's stochastic-depth rate, in order: block i of n gets rate * i / (n - 1), from 0 at
+    the first block to `rate` at the last (timm's ResNet `drop_path_rate`)."""
+    num_blocks = sum(stage_sizes)
+    return [rate * index / max(num_blocks - 1, 1) for index in range(num_blocks)]
 
 
 class CifarResNet(ResNet):
@@ -319,6 +347,7 @@ def get_model(
     width: int | None = None,
     zero_init_residual: bool = False,
     frozen_stages: int = -1,
+    drop_path_rate: float = 0.0,
     dtype: Dtype = jnp.float32,
     axis_name: str | None = None,
     kernels: str = "auto",
@@ -331,7 +360,8 @@ def get_model(
     `residual=False` gives the plain twin with the same layers. `width` scales the base width
     (64 or 16) and doubles it per stage. `dtype` is the compute dtype; params stay float32.
     `kernels`: "xla" (plain Flax), "cpu" (resnet_jax.cpu's kernel set, same variables) or "auto"
-    (the CPU set on a single CPU device, plain Flax elsewhere).
+    (the CPU set on a single CPU device, plain Flax elsewhere). `drop_path_rate` in [0, 1):
+    stochastic depth at training, linear over the blocks (see `ResNet`); it adds no variables.
     """
     _check_choice("model name", name, MODEL_NAMES)
     if stem is not None:
@@ -340,9 +370,12 @@ def get_model(
         _check_choice("shortcut", shortcut, SHORTCUTS)
     if frozen_stages < -1:
         raise ValueError(f"frozen_stages must be -1 (none) or a stage index >= 0: {frozen_stages}.")
+    if not 0 <= drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1): {drop_path_rate}.")
     common: dict[str, Any] = dict(
         num_classes=num_classes, residual=residual, zero_init_residual=zero_init_residual,
-        frozen_stages=frozen_stages, dtype=dtype, axis_name=axis_name, **kernel_modules(kernels),
+        frozen_stages=frozen_stages, drop_path_rate=drop_path_rate, dtype=dtype,
+        axis_name=axis_name, **kernel_modules(kernels),
     )  # fmt: skip
     if shortcut is not None:
         common["shortcut"] = shortcut

@@ -1,10 +1,12 @@
 """Top-k classes of image files, from a trained run's checkpoint.
 
     python -m resnet_jax.predict --workdir W cat.png truck.jpg --top_k 3
+    python -m resnet_jax.predict --exported DIR cat.png   # a `resnet_jax.export` output
 
 Each image is loaded with PIL as RGB, resized to the size the run's images had when it trained
 (bilinear, as image folders are resized on load), and preprocessed exactly as evaluation does
-(the on-device resize, if any, and the same normalization).
+(the on-device resize, if any, and the same normalization). With --exported, the model and its
+preprocessing are the exported artifact's: nothing is built from the model's code.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from resnet_jax import cli, evaluate
+from resnet_jax import cli, evaluate, export
 from resnet_jax.config_utils import ConfigError
 
 
@@ -51,10 +53,7 @@ def predict(
     top_k: int = 5,
 ) -> list[list[tuple[str, float]]]:
     """For each image, the `top_k` (class name, probability) pairs, most likely first."""
-    if not image_paths:
-        raise ConfigError("Name at least one image file to classify, e.g. ... --workdir W cat.png.")
-    if top_k < 1:
-        raise ConfigError(f"--top_k must be at least 1, got {top_k}.")
+    check_request(image_paths, top_k)
     checkpoints, step, _ = evaluate.find_checkpoint(workdir, checkpoint_path)
     try:
         meta = checkpoints.meta(step)
@@ -65,7 +64,32 @@ def predict(
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
     images = load_images(image_paths, image_shape)
     state = evaluate.eval_state(config, variables, len(class_names), image_shape)
-    probabilities = np.asarray(_probabilities(state, images))
+    return top_classes(np.asarray(_probabilities(state, images)), class_names, top_k)
+
+
+def predict_exported(
+    image_paths: list[str], exported_dir: str, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """`predict` with a `resnet_jax.export` artifact instead of a checkpoint."""
+    check_request(image_paths, top_k)
+    exported, manifest = export.load_exported(exported_dir)
+    images = load_images(image_paths, tuple(manifest["input"]["shape"][1:]))
+    probabilities = np.asarray(jax.nn.softmax(exported.call(images)))
+    return top_classes(probabilities, manifest["class_names"], top_k)
+
+
+def check_request(image_paths: list[str], top_k: int) -> None:
+    """A ConfigError for no images or a top_k below 1."""
+    if not image_paths:
+        raise ConfigError("Name at least one image file to classify, e.g. ... --workdir W cat.png.")
+    if top_k < 1:
+        raise ConfigError(f"--top_k must be at least 1, got {top_k}.")
+
+
+def top_classes(
+    probabilities: np.ndarray, class_names: list[str], top_k: int
+) -> list[list[tuple[str, float]]]:
+    """For each row of (N, classes) `probabilities`, the `top_k` (name, probability) pairs."""
     ranked = np.argsort(-probabilities, axis=1)[:, :top_k]
     return [
         [(class_names[c], float(p[c])) for c in row]
@@ -83,12 +107,21 @@ def define_flags() -> None:
     """The CLI's flags (defined only when run as a program)."""
     flags.DEFINE_string("workdir", None, "A training run's directory: use its reported checkpoint.")
     flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (W/checkpoints/<step>).")
+    flags.DEFINE_string("exported", None, "A `python -m resnet_jax.export` output directory.")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
 
 
 def main(argv: list[str]) -> int:
-    paths = argv[1:]
-    predictions = predict(paths, flags.FLAGS.workdir, flags.FLAGS.checkpoint, flags.FLAGS.top_k)
+    paths, options = argv[1:], flags.FLAGS
+    if options.exported:
+        if options.workdir or options.checkpoint:
+            raise ConfigError(
+                "Pass either --exported (an export directory) or --workdir/--checkpoint (a "
+                "training run's checkpoint), not both."
+            )
+        predictions = predict_exported(paths, options.exported, options.top_k)
+    else:
+        predictions = predict(paths, options.workdir, options.checkpoint, options.top_k)
     for path, top in zip(paths, predictions, strict=True):
         ranked = ", ".join(f"{name} {probability:.3f}" for name, probability in top)
         print(f"{path}: {ranked}")

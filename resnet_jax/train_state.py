@@ -105,7 +105,11 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 
     Metrics: loss (mean, smoothed as trained), accuracy, learning_rate (the rate this step used).
     """
-    images = state.preprocess(batch["image"], _step_rng(state))
+    rng = _step_rng(state)
+    images = state.preprocess(batch["image"], rng)
+    # The model's random layers (stochastic depth) get a stream of their own: augmentation's
+    # draws stay what they were without them.
+    dropout_rng = jax.random.fold_in(rng, 1)
     labels = batch["label"]
 
     def loss_fn(params):
@@ -114,6 +118,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
             images,
             train=True,
             mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
         )
         loss = cross_entropy(logits, labels, state.label_smoothing).mean()
         return loss, (logits, updates["batch_stats"])

@@ -1,0 +1,115 @@
+"""Export (python -m resnet_jax.export): the artifact computes what the checkpoint does, at any
+batch size, from uint8 images; a damaged or foreign directory is explained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import evaluate, export, predict
+from tests.fake_cifar import CIFAR10_CLASS_NAMES
+
+
+@pytest.fixture(scope="module")
+def exported_dir(trained_run, tmp_path_factory):
+    output = tmp_path_factory.mktemp("export") / "r20"
+    export.export_checkpoint(output, workdir=str(trained_run["workdir"]))
+    return output
+
+
+def checkpoint_logits(workdir, images: np.ndarray) -> np.ndarray:
+    """The logits of the checkpoint evaluate reports, computed from the model's code."""
+    checkpoints, step, _ = evaluate.find_checkpoint(str(workdir), None)
+    try:
+        meta, variables = checkpoints.meta(step), checkpoints.restore_variables(step)
+    finally:
+        checkpoints.close()
+    config = evaluate.saved_config(meta, data_dir=None)
+    state = evaluate.eval_state(config, variables, 10, tuple(meta["image_shape"]))
+    return np.asarray(state.apply_fn(state.variables, state.preprocess(images, None), train=False))
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_the_export_computes_the_checkpoints_logits_from_uint8_images(
+    trained_run, exported_dir, batch_size
+):
+    images = np.random.default_rng(batch_size).integers(0, 256, (batch_size, 32, 32, 3), np.uint8)
+    exported, _ = export.load_exported(exported_dir)
+
+    logits = np.asarray(exported.call(images))
+
+    assert logits.shape == (batch_size, 10) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, checkpoint_logits(trained_run["workdir"], images), atol=1e-5)
+
+
+def test_the_manifest_describes_the_artifact(trained_run, exported_dir):
+    manifest = json.loads((exported_dir / export.MANIFEST_FILE).read_text())
+    results = json.loads((trained_run["workdir"] / "results.json").read_text())
+    exported, _ = export.load_exported(exported_dir)
+
+    assert manifest["format"] == export.FORMAT and manifest["format_version"] == 1
+    assert manifest["input"] == {
+        "shape": [None, 32, 32, 3], "dtype": "uint8", "layout": "NHWC RGB 0-255"
+    }  # fmt: skip
+    assert manifest["jax_version"] == jax.__version__
+    assert manifest["class_names"] == list(CIFAR10_CLASS_NAMES)
+    assert manifest["platforms"] == ["cpu", "cuda"] == list(exported.platforms)
+    assert manifest["checkpoint_step"] == results["checkpoint_step"]  # evaluate's selection
+    assert str(exported.in_avals[0].shape[0]) == "batch"  # symbolic
+
+
+def test_predict_from_the_export_equals_predict_from_the_checkpoint(trained_run, exported_dir):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), np.uint8) for _ in range(3)]
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(exported_dir.parent / f"{index}.png"))
+        predict.Image.fromarray(image).save(paths[-1])
+
+    from_export = predict.predict_exported(paths, str(exported_dir), top_k=3)
+    from_checkpoint = predict.predict(paths, workdir=str(trained_run["workdir"]), top_k=3)
+
+    for exported_top, checkpoint_top in zip(from_export, from_checkpoint, strict=True):
+        assert [name for name, _ in exported_top] == [name for name, _ in checkpoint_top]
+        assert [p for _, p in exported_top] == pytest.approx([p for _, p in checkpoint_top])
+
+
+def damage(directory, how: str) -> None:
+    artifact, manifest = directory / export.ARTIFACT_FILE, directory / export.MANIFEST_FILE
+    if how == "truncated":
+        artifact.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
+    elif how == "random bytes":
+        artifact.write_bytes(np.random.default_rng(0).bytes(artifact.stat().st_size))
+    elif how == "no manifest":
+        manifest.unlink()
+    elif how == "foreign manifest":
+        manifest.write_text(json.dumps({"format": "something else"}))
+
+
+@pytest.mark.parametrize(
+    ("how", "explained"),
+    [
+        ("truncated", "is damaged: its contents"),
+        ("random bytes", "is damaged: its contents"),
+        ("no manifest", r"holds no manifest\.json, so it is not an export"),
+        ("foreign manifest", "is not the manifest of a resnet_jax export"),
+    ],
+)
+def test_a_damaged_or_foreign_export_is_explained(exported_dir, tmp_path, how, explained):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported_dir, copy)
+    damage(copy, how)
+
+    with pytest.raises(export.ExportError, match=explained):
+        export.load_exported(copy)
+
+
+def test_a_workdir_is_not_an_export_and_an_export_never_overwrites(trained_run, exported_dir):
+    with pytest.raises(export.ExportError, match="is a training run's workdir, not an export"):
+        export.load_exported(trained_run["workdir"])
+    with pytest.raises(export.ExportError, match="already exists"):
+        export.export_checkpoint(exported_dir, workdir=str(trained_run["workdir"]))
