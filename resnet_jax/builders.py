@@ -152,9 +152,20 @@ def build_preprocess(
         rotation_interpolation=options.rotation_interpolation,
         cutout_size=options.cutout,
         resize_to=options.resize_to or None,
+        policy=options.policy,
+        policy_num_ops=options.randaugment_num_ops,
+        policy_magnitude=options.randaugment_magnitude,
     )
     images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.uint8)
     return preprocess, jax.eval_shape(preprocess, images).shape
+
+
+def build_mix(config: ml_collections.ConfigDict) -> augment.Mix | None:
+    """The train step's mixup/CutMix, or None when both alphas are 0."""
+    options = config.augment
+    return augment.make_mix(
+        options.mixup_alpha, options.cutmix_alpha, options.mix_prob, options.mix_switch_prob
+    )
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -271,6 +282,7 @@ def create_state(
         preprocess=preprocess,
         label_smoothing=config.label_smoothing,
         learning_rate_fn=schedule,
+        mix=build_mix(config),
     )
 
 
