@@ -304,7 +304,7 @@ class Mix:
     def __call__(self, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         apply_rng, switch_rng, lam_rng, box_rng = jax.random.split(rng, 4)
         if self.mixup_alpha and self.cutmix_alpha:
-            use_cutmix = jax.random.bernoulli(switch_rng, self.switch_prob)
+            use_cutmix = jax.random.bernoulli(switch_rng, float(self.switch_prob))
         else:
             use_cutmix = jnp.asarray(self.cutmix_alpha > 0)
         alpha = jnp.where(use_cutmix, self.cutmix_alpha, self.mixup_alpha)
@@ -314,7 +314,7 @@ class Mix:
             lambda: cutmix(box_rng, images, lam),
             lambda: (mixup(images, lam), lam),
         )
-        applied = jax.random.bernoulli(apply_rng, self.prob)
+        applied = jax.random.bernoulli(apply_rng, float(self.prob))
         return jnp.where(applied, mixed, images), jnp.where(applied, lam, 1.0)
 
 
