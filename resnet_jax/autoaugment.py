@@ -25,6 +25,7 @@ OPS = (
     "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
 )  # fmt: skip
 SIGNED_OPS = frozenset(OPS[1:10])  # drawn with a random sign
+GEOMETRIC_OPS = OPS[1:6]  # resampled through an affine matrix; the rest change pixel values
 NUM_MAGNITUDE_BINS = 31
 
 
@@ -108,8 +109,12 @@ def apply_op(image: jax.Array, op: jax.Array | int, magnitude: jax.Array | float
     """OPS[op] at the signed `magnitude` on one HWC image of uint8 values (float32)."""
     op = jnp.asarray(op)
     magnitude = jnp.asarray(magnitude, jnp.float32)
-    image = affine_nearest(image, _inverse_affine_matrix(op, magnitude, *image.shape[:2]))
-    return jax.lax.switch(op, _PIXEL_OPS, image, magnitude)
+    # An op either moves pixels or changes their values: both are computed from the input and
+    # the right one kept (chaining them made XLA recompute the resampling in every pixel op).
+    moved = affine_nearest(image, _inverse_affine_matrix(op, magnitude, *image.shape[:2]))
+    recoloured = jax.lax.switch(op, _PIXEL_OPS, image, magnitude)
+    is_geometric = jnp.isin(op, jnp.asarray([OPS.index(name) for name in GEOMETRIC_OPS]))
+    return jnp.where(is_geometric, moved, recoloured)
 
 
 def _inverse_affine_matrix(op: jax.Array, magnitude: jax.Array, height: int, width: int):
@@ -249,5 +254,5 @@ _PIXEL_FUNCTIONS = {
     "AutoContrast": autocontrast,
     "Equalize": equalize,
 }
-# Indexed like OPS; the geometric ops have done their work in `affine_nearest` by then.
+# Indexed like OPS (the geometric ops' entries go unused).
 _PIXEL_OPS = tuple(_PIXEL_FUNCTIONS.get(name, _keep) for name in OPS)

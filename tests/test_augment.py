@@ -303,6 +303,19 @@ def test_make_mix_is_off_without_alphas_and_checks_its_settings():
             augment.make_mix(**{"mixup_alpha": 1.0, **bad})
 
 
+def test_mix_and_policy_keys_that_have_no_effect_are_logged(caplog):
+    config = config_utils.resolve(
+        {"augment": {"policy": "trivialaugment", "randaugment_magnitude": 20, "mix_prob": 0.5}}
+    )
+    with caplog.at_level("WARNING"):
+        builders.build_preprocess(config, (32, 32, 3))
+        assert builders.build_mix(config) is None
+    assert (
+        "Ignoring augment.randaugment_magnitude: augment.policy is 'trivialaugment'" in caplog.text
+    )
+    assert "Ignoring augment.mix_prob: mixing is off" in caplog.text
+
+
 def test_mix_and_policy_keys_are_validated_and_built():
     good = config_utils.resolve(
         {"augment": {"policy": "trivialaugment", "mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
