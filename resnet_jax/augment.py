@@ -259,14 +259,10 @@ def cutmix(rng: jax.Array, images: jax.Array, lam: jax.Array) -> tuple[jax.Array
     half_height = (height * ratio).astype(jnp.int32) // 2
     half_width = (width * ratio).astype(jnp.int32) // 2
     center_y, center_x = jax.random.randint(rng, (2,), 0, jnp.array([height, width]))
-    top, bottom = (
-        jnp.clip(center_y - half_height, 0, height),
-        jnp.clip(center_y + half_height, 0, height),
-    )
-    left, right = (
-        jnp.clip(center_x - half_width, 0, width),
-        jnp.clip(center_x + half_width, 0, width),
-    )
+    top = jnp.clip(center_y - half_height, 0, height)
+    bottom = jnp.clip(center_y + half_height, 0, height)
+    left = jnp.clip(center_x - half_width, 0, width)
+    right = jnp.clip(center_x + half_width, 0, width)
     rows = jnp.arange(height)[:, None]
     cols = jnp.arange(width)[None, :]
     inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)

@@ -117,7 +117,9 @@ def apply_op(image: jax.Array, op: jax.Array | int, magnitude: jax.Array | float
     return jnp.where(is_geometric, moved, recoloured)
 
 
-def _inverse_affine_matrix(op: jax.Array, magnitude: jax.Array, height: int, width: int):
+def _inverse_affine_matrix(
+    op: jax.Array, magnitude: jax.Array, height: int, width: int
+) -> jax.Array:
     """The 2x3 matrix from output to input pixel positions (centred coordinates) of the geometric
     op `op` (the identity for the others), as torchvision's `_get_inverse_affine_matrix`."""
     is_op = {name: op == OPS.index(name) for name in OPS}
