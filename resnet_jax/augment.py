@@ -3,6 +3,7 @@
 The per-image ops take one HWC image and an rng; `make_preprocess` vmaps them over a batch with
 one rng per example and returns the `preprocess(images, rng=None)` that the train and eval steps
 call (rng=None at evaluation: no random op, only the deterministic resize and normalize).
+`make_mix` returns the batch-level mixup/CutMix that the train step applies after it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from resnet_jax import autoaugment
 
 # Per-channel statistics of the training images, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -124,6 +127,9 @@ class Preprocess:
     rotation_interpolation: str = "bilinear"
     cutout_size: int = 0
     resize_to: int | None = None
+    policy: str = "none"
+    policy_num_ops: int = 2
+    policy_magnitude: int = 9
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """uint8 or float NHWC images in [0, 255] -> float32 normalized NHWC images."""
@@ -154,6 +160,13 @@ class Preprocess:
             image = jax.image.resize(image, (*size, image.shape[2]), method="bilinear")
         if self.flip:
             image = random_flip(flip_rng, image)
+        if self.policy != "none":
+            # After crop and flip, as torchvision's references; a key split off the cutout's, so
+            # that runs without a policy draw as before.
+            cutout_rng, policy_rng = jax.random.split(cutout_rng)
+            image = autoaugment.apply_policy(
+                policy_rng, image, self.policy, self.policy_num_ops, self.policy_magnitude
+            )
         if self.rotation:
             low = 0.0 if self.rotation_from_zero else None
             image = random_rotation(
@@ -177,13 +190,18 @@ def make_preprocess(
     rotation_interpolation: str = "bilinear",
     cutout_size: int = 0,
     resize_to: int | None = None,
+    policy: str = "none",
+    policy_num_ops: int = 2,
+    policy_magnitude: int = 9,
 ) -> Preprocess:
     """The preprocessing for the train and eval steps.
 
     With an rng (training) each image gets its own rng and, as enabled: zero-padding by
     `crop_padding` and a random crop of `crop_size` (default: the image size), a random
-    left-right flip, a random rotation in [-rotation, rotation] degrees ([0, rotation] if
-    `rotation_from_zero`, "bilinear" or "nearest"), and cutout of a `cutout_size` square. A crop
+    left-right flip, `policy` ("randaugment" with `policy_num_ops` ops at magnitude bin
+    `policy_magnitude` of 0..30, or "trivialaugment"; see autoaugment.py), a random rotation in
+    [-rotation, rotation] degrees ([0, rotation] if `rotation_from_zero`, "bilinear" or
+    "nearest"), and cutout of a `cutout_size` square. A crop
     smaller than the image is resized back to the image size if `resize_crop`; otherwise the
     model trains at `crop_size` and evaluation takes the centre crop of that size. Then, with or
     without an rng, a bilinear resize to `resize_to` (e.g. 224 for ImageNet-pretrained nets on
@@ -199,6 +217,13 @@ def make_preprocess(
             f"rotation_interpolation must be one of {', '.join(INTERPOLATION_ORDER)}, got "
             f"{rotation_interpolation!r}"
         )
+    if policy not in autoaugment.POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(autoaugment.POLICIES)}, got {policy!r}")
+    if policy_num_ops < 0 or not 0 <= policy_magnitude < autoaugment.NUM_MAGNITUDE_BINS:
+        raise ValueError(
+            f"policy_num_ops must be >= 0 and policy_magnitude in [0, "
+            f"{autoaugment.NUM_MAGNITUDE_BINS - 1}], got {policy_num_ops} and {policy_magnitude}"
+        )
     return Preprocess(
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
@@ -211,4 +236,93 @@ def make_preprocess(
         rotation_interpolation=rotation_interpolation,
         cutout_size=cutout_size,
         resize_to=resize_to,
+        policy=policy,
+        policy_num_ops=policy_num_ops,
+        policy_magnitude=policy_magnitude,
     )
+
+
+def mixup(images: jax.Array, lam: jax.Array) -> jax.Array:
+    """lam * images + (1 - lam) * the batch reversed (example i with example n - 1 - i)."""
+    return lam * images + (1.0 - lam) * images[::-1]
+
+
+def cutmix(rng: jax.Array, images: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pastes one box of the reversed batch into every image, as timm's `rand_bbox`: sides
+    sqrt(1 - lam) of the image's, a uniform centre, clipped at the border.
+
+    Returns the images and lam corrected to the fraction of each image left uncovered (timm's
+    correct_lam), which the clipping makes larger than the drawn lam.
+    """
+    height, width = images.shape[1:3]
+    ratio = jnp.sqrt(1.0 - lam)
+    half_height = (height * ratio).astype(jnp.int32) // 2
+    half_width = (width * ratio).astype(jnp.int32) // 2
+    center_y, center_x = jax.random.randint(rng, (2,), 0, jnp.array([height, width]))
+    top = jnp.clip(center_y - half_height, 0, height)
+    bottom = jnp.clip(center_y + half_height, 0, height)
+    left = jnp.clip(center_x - half_width, 0, width)
+    right = jnp.clip(center_x + half_width, 0, width)
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    mixed = jnp.where(inside[None, :, :, None], images[::-1], images)
+    box_area = (bottom - top) * (right - left)
+    return mixed, 1.0 - box_area / (height * width)
+
+
+def mix_targets(labels: jax.Array, lam: jax.Array, num_classes: int) -> jax.Array:
+    """The soft targets of a mixed batch: lam * one_hot(labels) + (1 - lam) * one_hot(reversed)."""
+    one_hot = jax.nn.one_hot(labels, num_classes)
+    return lam * one_hot + (1.0 - lam) * one_hot[::-1]
+
+
+def dominant_labels(labels: jax.Array, lam: jax.Array) -> jax.Array:
+    """Each mixed example's label of the larger weight (its own at lam = 1/2)."""
+    return jnp.where(lam >= 0.5, labels, labels[::-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """`mix(images, rng) -> (images, lam)`: timm's mixup/CutMix in batch mode.
+
+    With probability `prob` the batch is mixed with itself reversed, with one lam for the batch:
+    CutMix with probability `switch_prob` when both alphas are > 0 (else the one that is), lam
+    drawn from Beta(alpha, alpha) of the chosen one. lam is 1 when nothing is mixed. A frozen
+    dataclass for the same reason as Preprocess.
+    """
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+
+    def __call__(self, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        apply_rng, switch_rng, lam_rng, box_rng = jax.random.split(rng, 4)
+        if self.mixup_alpha and self.cutmix_alpha:
+            use_cutmix = jax.random.bernoulli(switch_rng, float(self.switch_prob))
+        else:
+            use_cutmix = jnp.asarray(self.cutmix_alpha > 0)
+        alpha = jnp.where(use_cutmix, self.cutmix_alpha, self.mixup_alpha)
+        lam = jax.random.beta(lam_rng, alpha, alpha)
+        mixed, lam = jax.lax.cond(
+            use_cutmix,
+            lambda: cutmix(box_rng, images, lam),
+            lambda: (mixup(images, lam), lam),
+        )
+        applied = jax.random.bernoulli(apply_rng, float(self.prob))
+        return jnp.where(applied, mixed, images), jnp.where(applied, lam, 1.0)
+
+
+def make_mix(
+    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0, switch_prob: float = 0.5
+) -> Mix | None:
+    """The train step's mixup/CutMix (see Mix), or None when both alphas are 0 (off)."""
+    if mixup_alpha < 0 or cutmix_alpha < 0 or not (0 <= prob <= 1 and 0 <= switch_prob <= 1):
+        raise ValueError(
+            f"alphas must be >= 0 and probabilities in [0, 1], got mixup_alpha={mixup_alpha}, "
+            f"cutmix_alpha={cutmix_alpha}, prob={prob}, switch_prob={switch_prob}"
+        )
+    if not (mixup_alpha or cutmix_alpha):
+        return None
+    return Mix(float(mixup_alpha), float(cutmix_alpha), float(prob), float(switch_prob))

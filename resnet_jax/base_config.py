@@ -72,6 +72,17 @@ def get_config() -> ml_collections.ConfigDict:
     augment.rotation_interpolation = "bilinear"  # or "nearest" (torchvision's RandomRotation)
     augment.cutout = 0  # zero a random square of this size; 0 = none
     augment.resize_to = 0  # resize on the device (train and eval) to this square size; 0 = none
+    # RandAugment or TrivialAugmentWide as torchvision defines them, applied after crop and flip:
+    # "none", "randaugment" or "trivialaugment" (its own random op and magnitude per image).
+    augment.policy = "none"
+    augment.randaugment_num_ops = 2  # RandAugment's N: ops applied in turn to each image
+    augment.randaugment_magnitude = 9  # RandAugment's M: the magnitude bin, 0..30
+    # mixup / CutMix of each batch with itself reversed, one lam ~ Beta(alpha, alpha) per batch
+    # (timm's batch mode). Train accuracy is then against each image's dominant label.
+    augment.mixup_alpha = 0.0  # mixup's alpha, e.g. 0.2 (torchvision), 0.8 (DeiT); 0 = off
+    augment.cutmix_alpha = 0.0  # CutMix's alpha, usually 1.0; 0 = off
+    augment.mix_prob = 1.0  # probability that a batch is mixed (timm's mixup_prob)
+    augment.mix_switch_prob = 0.5  # with both alphas > 0: probability of CutMix over mixup
     # Per-channel mean/std: "cifar10", "imagenet", or "auto" (ImageNet's with pretrained weights or
     # a dataset other than CIFAR-10, CIFAR-10's otherwise).
     augment.normalization = "auto"

@@ -140,6 +140,12 @@ def build_preprocess(
             f"evaluates on the centre crop of that size, which the {height}x{width} images do "
             f"not have: set crop_size to at most {min(height, width)}, or resize_crop = True."
         )
+    if options.policy != "randaugment":
+        log_ignored_augment_keys(
+            config,
+            ("randaugment_num_ops", "randaugment_magnitude"),
+            f"augment.policy is {options.policy!r}, not 'randaugment'",
+        )
     mean, std = normalization_stats(config)
     preprocess = augment.make_preprocess(
         mean=mean,
@@ -153,9 +159,34 @@ def build_preprocess(
         rotation_interpolation=options.rotation_interpolation,
         cutout_size=options.cutout,
         resize_to=options.resize_to or None,
+        policy=options.policy,
+        policy_num_ops=options.randaugment_num_ops,
+        policy_magnitude=options.randaugment_magnitude,
     )
     images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.uint8)
     return preprocess, jax.eval_shape(preprocess, images).shape
+
+
+def log_ignored_augment_keys(
+    config: ml_collections.ConfigDict, keys: tuple[str, ...], reason: str
+) -> None:
+    """Warns of the augment `keys` changed from their defaults, which have no effect (`reason`)."""
+    defaults = config_utils.default_config().augment
+    changed = [f"augment.{key}" for key in keys if config.augment[key] != defaults[key]]
+    if changed:
+        logging.warning("Ignoring %s: %s.", ", ".join(changed), reason)
+
+
+def build_mix(config: ml_collections.ConfigDict) -> augment.Mix | None:
+    """The train step's mixup/CutMix, or None when both alphas are 0."""
+    options = config.augment
+    if not (options.mixup_alpha or options.cutmix_alpha):
+        log_ignored_augment_keys(
+            config, ("mix_prob", "mix_switch_prob"), "mixing is off (both alphas are 0)"
+        )
+    return augment.make_mix(
+        options.mixup_alpha, options.cutmix_alpha, options.mix_prob, options.mix_switch_prob
+    )
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -272,6 +303,7 @@ def create_state(
         preprocess=preprocess,
         label_smoothing=config.label_smoothing,
         learning_rate_fn=schedule,
+        mix=build_mix(config),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from resnet_jax import augment, base_config, models, optim, parallel
+from resnet_jax import augment, autoaugment, base_config, models, optim, parallel
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kernels": models.KERNELS,
     "augment.normalization": NORMALIZATIONS,
     "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
+    "augment.policy": autoaugment.POLICIES,
     "optimizer.name": optim.OPTIMIZER_NAMES,
     "schedule.name": optim.SCHEDULE_NAMES,
     "parallel": parallel.MODES,
@@ -48,6 +49,12 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "augment.rotation": ("in [0, 180] degrees", lambda v: 0 <= v <= 180),
     "augment.cutout": (">= 0", lambda v: v >= 0),
     "augment.resize_to": (">= 0 (0 = no resize)", lambda v: v >= 0),
+    "augment.randaugment_num_ops": (">= 0", lambda v: v >= 0),
+    "augment.randaugment_magnitude": ("in [0, 30]", lambda v: 0 <= v <= 30),
+    "augment.mixup_alpha": (">= 0 (0 = off)", lambda v: v >= 0),
+    "augment.cutmix_alpha": (">= 0 (0 = off)", lambda v: v >= 0),
+    "augment.mix_prob": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "augment.mix_switch_prob": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "batch_size": (">= 1", lambda v: v >= 1),
     "eval_batch_size": (">= 1", lambda v: v >= 1),
     "num_epochs": (">= 0", lambda v: v >= 0),

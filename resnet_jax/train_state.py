@@ -1,9 +1,10 @@
 """TrainState and the pure train/eval steps that every mode (plain, jit-sharded, pmap) compiles.
 
 A step takes a batch of raw images (uint8 or float, NHWC) and does everything on the device:
-augment with a per-step rng, normalize, forward with mutable batch_stats, float32 loss, grads, and
-the optax update. Under pmap (the model built with `axis_name`) grads and metrics are averaged
-across devices with `lax.pmean` and BatchNorm uses cross-device statistics.
+augment with a per-step rng, normalize, mix (mixup/CutMix, optional), forward with mutable
+batch_stats, float32 loss, grads, and the optax update. Under pmap (the model built with
+`axis_name`) grads and metrics are averaged across devices with `lax.pmean` and BatchNorm uses
+cross-device statistics; each device mixes its own shard, with its own lam.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import optax
 from flax import struct
 from flax.training import train_state as flax_train_state
 
+from resnet_jax import augment
 from resnet_jax import metrics as metrics_lib
 
 Batch = dict[str, jax.Array]
 Preprocess = Callable[[jax.Array, jax.Array | None], jax.Array]
+# (images, rng) -> (mixed images, lam): augment.Mix
+Mix = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def cast_to_float(images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
@@ -41,6 +45,7 @@ class TrainState(flax_train_state.TrainState):
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = struct.field(
         pytree_node=False, default=None
     )
+    mix: Mix | None = struct.field(pytree_node=False, default=None)
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -58,11 +63,13 @@ def create(
     preprocess: Preprocess = cast_to_float,
     label_smoothing: float = 0.0,
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    mix: Mix | None = None,
 ) -> TrainState:
     """Initialize the model (or take given `variables`, e.g. pretrained) and the optimizer state.
 
     `rng` seeds both the init and the per-step augmentation. `preprocess(images, rng)` runs inside
-    the steps (rng=None at eval). The pmap axis name is taken from `model.axis_name`.
+    the steps (rng=None at eval); `mix(images, rng)` (e.g. augment.Mix) after it in the train
+    step. The pmap axis name is taken from `model.axis_name`.
     """
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
@@ -83,13 +90,19 @@ def create(
         label_smoothing=label_smoothing,
         axis_name=getattr(model, "axis_name", None),
         learning_rate_fn=learning_rate_fn,
+        mix=mix,
     )
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+    """Per-example softmax cross-entropy in float32, with optional label smoothing.
+
+    `labels` are class indices, or target distributions over the classes (e.g. mixed one-hots).
+    Smoothing is linear, so smoothing a mixture equals mixing the smoothed one-hots (timm's).
+    """
     num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
+    targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -103,14 +116,19 @@ def _step_rng(state: TrainState) -> jax.Array:
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `batch` {"image", "label"}; returns the new state and batch metrics.
 
-    Metrics: loss (mean, smoothed as trained), accuracy, learning_rate (the rate this step used).
+    Metrics: loss (mean, smoothed and mixed as trained), accuracy (against each example's dominant
+    label when mixing), learning_rate (the rate this step used).
     """
     rng = _step_rng(state)
+    if state.mix is not None:  # a key of its own, split off so runs without mixing draw as before
+        rng, mix_rng = jax.random.split(rng)
     images = state.preprocess(batch["image"], rng)
     # The model's random layers (stochastic depth) get a stream of their own: augmentation's
     # draws stay what they were without them.
     dropout_rng = jax.random.fold_in(rng, 1)
-    labels = batch["label"]
+    labels, lam = batch["label"], None
+    if state.mix is not None:
+        images, lam = state.mix(images, mix_rng)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -120,11 +138,13 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        loss = cross_entropy(logits, labels, state.label_smoothing).mean()
+        targets = labels if lam is None else augment.mix_targets(labels, lam, logits.shape[-1])
+        loss = cross_entropy(logits, targets, state.label_smoothing).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    scored = labels if lam is None else augment.dominant_labels(labels, lam)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == scored)}
     if state.axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), state.axis_name)
     if state.learning_rate_fn is not None:

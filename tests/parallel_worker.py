@@ -6,6 +6,9 @@ what it writes with a single-device run in the test process (`train_single`).
 
   parallel_worker.py modes OUT
       trains in jit and pmap mode over every device from one seed -> OUT/modes.npz
+  parallel_worker.py mixaug OUT
+      trains with RandAugment and mixup/CutMix on uint8 images, in jit mode and in pmap mode with
+      bfloat16 compute -> OUT/mixaug.npz
   parallel_worker.py checkpoint OUT --restore CKPT
       restores CKPT (saved on another device count) onto a mesh of every device
       -> OUT/restored.npz, then saves it from there to OUT/ckpt_<device count>, and as a
@@ -26,16 +29,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resnet_jax import checkpoint, models, parallel, train_state
+from resnet_jax import augment, checkpoint, models, parallel, train_state
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (16, 16, 3)
@@ -74,6 +80,30 @@ def make_state(axis_name: str | None = None) -> train_state.TrainState:
     )
 
 
+def make_mixaug_state(
+    axis_name: str | None = None, dtype: Any = np.float32
+) -> train_state.TrainState:
+    """make_state's network, computing in `dtype`, with RandAugment and mixup/CutMix."""
+    model = models.get_model("resnet20", NUM_CLASSES, width=4, axis_name=axis_name, dtype=dtype)
+    preprocess = augment.make_preprocess(
+        mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD, crop_padding=2, policy="randaugment"
+    )
+    mix = augment.Mix(mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
+    return make_state(axis_name).replace(apply_fn=model.apply, preprocess=preprocess, mix=mix)
+
+
+def uint8_batches() -> list[dict[str, np.ndarray]]:
+    """NUM_STEPS global batches of uint8 images, as the data pipeline gives them."""
+    rng = np.random.default_rng(SEED)
+    return [
+        {
+            "image": rng.integers(0, 256, (GLOBAL_BATCH, *IMAGE_SHAPE), dtype=np.uint8),
+            "label": rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32),
+        }
+        for _ in range(NUM_STEPS)
+    ]
+
+
 def global_batches() -> list[dict[str, np.ndarray]]:
     """NUM_STEPS global training batches, the same in every process."""
     rng = np.random.default_rng(SEED)
@@ -104,22 +134,29 @@ def process_slice(batch: dict[str, np.ndarray], p: parallel.Parallel) -> dict[st
 
 
 @functools.cache
-def train_single() -> tuple[train_state.TrainState, list[dict], dict]:
+def train_single(
+    make: Callable[..., train_state.TrainState] = make_state,
+    batches: Callable[[], list[dict]] = global_batches,
+) -> tuple[train_state.TrainState, list[dict], dict]:
     """The reference: plain jit of the one step on one device, on whole global batches."""
     step = jax.jit(train_state.train_step)
-    state = make_state()
+    state = make()
     history = []
-    for batch in global_batches():
+    for batch in batches():
         state, metrics = step(state, batch)
         history.append(jax.device_get(metrics))
     evals = jax.device_get(jax.jit(train_state.eval_step)(state, eval_batch()))
     return state, history, evals
 
 
-def train_parallel(p: parallel.Parallel) -> tuple[train_state.TrainState, list[dict], dict]:
+def train_parallel(
+    p: parallel.Parallel,
+    make: Callable[..., train_state.TrainState] = make_state,
+    batches_fn: Callable[[], list[dict]] = global_batches,
+) -> tuple[train_state.TrainState, list[dict], dict]:
     """The same training through `Parallel`, each process feeding only its slice."""
-    state = p.place_state(make_state(p.axis_name))
-    batches = global_batches()
+    state = p.place_state(make(p.axis_name))
+    batches = batches_fn()
     step = p.precompile(p.compile_train_step(), state, p.shard_batch(process_slice(batches[0], p)))
     history = []
     for batch in batches:
@@ -166,6 +203,18 @@ def run_modes(out: Path) -> None:
     for mode in parallel.MODES:
         results |= summarize(mode, *train_parallel(parallel.Parallel(mode)))
     np.savez(out / "modes.npz", **results)
+
+
+def run_mixaug(out: Path) -> None:
+    results: dict[str, np.ndarray] = {"num_devices": np.asarray(jax.device_count())}
+    results |= summarize(
+        "jit", *train_parallel(parallel.Parallel("jit"), make_mixaug_state, uint8_batches)
+    )
+    bfloat16 = functools.partial(make_mixaug_state, dtype=jnp.bfloat16)
+    results |= summarize(
+        "pmap_bf16", *train_parallel(parallel.Parallel("pmap"), bfloat16, uint8_batches)
+    )
+    np.savez(out / "mixaug.npz", **results)
 
 
 def run_checkpoint(out: Path, restore_from: Path) -> None:
@@ -248,7 +297,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("job", choices=("modes", "checkpoint", "multihost"))
+    parser.add_argument("job", choices=("modes", "mixaug", "checkpoint", "multihost"))
     parser.add_argument("out", type=Path)
     parser.add_argument("--restore", type=Path)
     parser.add_argument("--coordinator_address")
@@ -257,6 +306,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.job == "modes":
         run_modes(args.out)
+    elif args.job == "mixaug":
+        run_mixaug(args.out)
     elif args.job == "checkpoint":
         run_checkpoint(args.out, args.restore)
     else:

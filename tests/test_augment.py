@@ -1,12 +1,14 @@
-"""Tests for the on-device augmentation ops and the preprocess function built from them."""
+"""Tests for the on-device augmentation ops, the preprocess function built from them, and the
+batch-level mixup/CutMix (RandAugment/TrivialAugment: test_autoaugment.py)."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from resnet_jax import augment
+from resnet_jax import augment, builders, config_utils
 
 SIZE = 32
 
@@ -215,3 +217,139 @@ def test_training_at_the_crop_size_evaluates_on_the_centre_crop():
     chex.assert_shape(jax.jit(preprocess)(images, jax.random.key(0)), (4, 24, 24, 3))
     evaluated = jax.jit(preprocess)(images, None)
     chex.assert_trees_all_close(evaluated, images[:, 4:28, 4:28].astype(jnp.float32), atol=1e-3)
+
+
+def _mix_batch(count: int = 6) -> jax.Array:
+    """Normalized-looking float images, every example distinct."""
+    return jnp.asarray(np.random.default_rng(2).normal(size=(count, SIZE, SIZE, 3)), jnp.float32)
+
+
+def test_mixup_is_the_convex_combination_with_the_reversed_batch():
+    images = _mix_batch()
+    lam = jnp.float32(0.3)
+    expected = 0.3 * np.asarray(images) + 0.7 * np.asarray(images)[::-1]
+    np.testing.assert_allclose(augment.mixup(images, lam), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cutmix_pastes_one_box_and_lam_is_the_uncovered_fraction():
+    images = _mix_batch()
+    for key, lam in zip(_keys(16), np.linspace(0.05, 0.95, 16), strict=True):
+        mixed, corrected = augment.cutmix(key, images, jnp.float32(lam))
+        pasted = np.all(np.asarray(mixed) == np.asarray(images)[::-1], axis=(0, 3))
+        kept = np.all(np.asarray(mixed) == np.asarray(images), axis=(0, 3))
+        assert np.all(pasted != kept)  # every pixel is one or the other, in every image
+        rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+        if len(rows):
+            assert pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+        np.testing.assert_allclose(corrected, 1 - pasted.mean(), rtol=1e-6)
+        # timm's box: sides int(size * sqrt(1 - lam)) rounded down to even, before clipping.
+        assert pasted.sum() <= (int(SIZE * np.sqrt(1 - lam)) // 2 * 2) ** 2
+
+
+def test_mixed_targets_sum_to_one_and_compose_with_smoothing_as_timm():
+    labels = jnp.array([0, 3, 5, 3, 9])
+    lam = jnp.float32(0.35)
+    targets = augment.mix_targets(labels, lam, 10)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+    assert targets[0, 0] == np.float32(0.35) and targets[0, 9] == np.float32(0.65)
+    assert targets[1, 3] == 1.0 and targets[2, 5] == 1.0  # paired with the same class, itself
+    # timm's mixup_target: smooth each one-hot (off = s / K, on = 1 - s + off), then mix.
+    smoothing, off = 0.1, 0.1 / 10
+    one_hot = np.eye(10)[np.asarray(labels)] * (1 - smoothing) + off
+    timm = 0.35 * one_hot + 0.65 * one_hot[::-1]
+    smoothed = optax.smooth_labels(targets, smoothing)
+    np.testing.assert_allclose(smoothed, timm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(augment.dominant_labels(labels, lam), np.asarray(labels)[::-1])
+    np.testing.assert_array_equal(augment.dominant_labels(labels, jnp.float32(0.5)), labels)
+
+
+def test_mix_with_probability_zero_changes_nothing():
+    images = _mix_batch()
+    mix = jax.jit(augment.make_mix(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.0))
+    for key in _keys(4):
+        mixed, lam = mix(images, key)
+        chex.assert_trees_all_equal(mixed, images)
+        assert lam == 1.0
+
+
+@pytest.mark.parametrize(
+    ("switch_prob", "cutmix_expected"), [(1.0, True), (0.0, False), (0.5, None)]
+)
+def test_mix_switches_between_cutmix_and_mixup(switch_prob, cutmix_expected):
+    images = _mix_batch()
+    mix = jax.jit(augment.make_mix(0.4, 1.0, prob=1.0, switch_prob=switch_prob))
+    kinds = set()
+    for key in _keys(12):
+        mixed, lam = mix(images, key)
+        assert 0.0 <= lam <= 1.0
+        unchanged_or_pasted = (mixed == images) | (mixed == images[::-1])
+        if bool(jnp.all(unchanged_or_pasted)):
+            kinds.add("cutmix")
+            np.testing.assert_allclose(lam, jnp.mean(jnp.all(mixed == images, axis=(0, 3))))
+        else:
+            kinds.add("mixup")
+            np.testing.assert_allclose(mixed, augment.mixup(images, lam), rtol=1e-5, atol=1e-5)
+    if cutmix_expected is None:
+        assert kinds == {"cutmix", "mixup"}
+    else:
+        assert kinds == {"cutmix" if cutmix_expected else "mixup"}
+
+
+def test_make_mix_is_off_without_alphas_and_checks_its_settings():
+    assert augment.make_mix(0.0, 0.0, 0.5, 0.5) is None
+    assert augment.make_mix(0.2) == augment.Mix(mixup_alpha=0.2)
+    for bad in ({"mixup_alpha": -0.1}, {"cutmix_alpha": 1.0, "prob": 1.5}, {"switch_prob": -1}):
+        with pytest.raises(ValueError, match="alphas must be >= 0"):
+            augment.make_mix(**{"mixup_alpha": 1.0, **bad})
+
+
+def test_mix_and_policy_keys_that_have_no_effect_are_logged(caplog):
+    config = config_utils.resolve(
+        {"augment": {"policy": "trivialaugment", "randaugment_magnitude": 20, "mix_prob": 0.5}}
+    )
+    with caplog.at_level("WARNING"):
+        builders.build_preprocess(config, (32, 32, 3))
+        assert builders.build_mix(config) is None
+    assert (
+        "Ignoring augment.randaugment_magnitude: augment.policy is 'trivialaugment'" in caplog.text
+    )
+    assert "Ignoring augment.mix_prob: mixing is off" in caplog.text
+
+
+def test_mix_and_policy_keys_are_validated_and_built():
+    good = config_utils.resolve(
+        {"augment": {"policy": "trivialaugment", "mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
+    )
+    preprocess, shape = builders.build_preprocess(good, (32, 32, 3))
+    assert preprocess.policy == "trivialaugment" and shape == (1, 32, 32, 3)
+    assert builders.build_mix(good) == augment.Mix(0.2, 1.0, 1.0, 0.5)
+    # The run's state carries both into its train step (shapes only: no init compiled).
+    model = builders.build_model(good, num_classes=10)
+    schedule = builders.build_schedule(good, builders.make_plan(good, 1000))
+    tx = builders.build_optimizer(good, schedule, model.frozen_stages)
+    state = jax.eval_shape(
+        lambda: builders.create_state(good, model, tx, schedule, preprocess, shape)
+    )
+    assert state.mix == augment.Mix(0.2, 1.0, 1.0, 0.5) and state.preprocess == preprocess
+    assert builders.build_mix(config_utils.resolve({})) is None  # off by default
+    assert builders.build_preprocess(config_utils.resolve({}), (32, 32, 3))[0].policy == "none"
+    bad = {
+        "policy": "autoaugment",
+        "mixup_alpha": -0.2,
+        "cutmix_alpha": -1.0,
+        "mix_prob": 1.5,
+        "mix_switch_prob": -0.1,
+        "randaugment_magnitude": 31,
+    }
+    with pytest.raises(config_utils.ConfigError, match="The config has 6 problems") as info:
+        config_utils.resolve({"augment": bad})
+    message = str(info.value)
+    for fragment in (
+        "augment.policy = 'autoaugment' is not one of: 'none', 'randaugment', 'trivialaugment'",
+        "augment.mixup_alpha = -0.2 must be >= 0",
+        "augment.cutmix_alpha = -1.0 must be >= 0",
+        "augment.mix_prob = 1.5 must be in [0, 1]",
+        "augment.mix_switch_prob = -0.1 must be in [0, 1]",
+        "augment.randaugment_magnitude = 31 must be in [0, 30]",
+    ):
+        assert fragment in message

@@ -1,5 +1,6 @@
-"""experiments/benchmark.py and gpu_benchmark.py run end to end at tiny sizes. A benchmark is not
-a test: no timings are checked here, only that every section produces its numbers."""
+"""experiments/benchmark.py, gpu_benchmark.py and augment_cost.py run end to end at tiny sizes. A
+benchmark is not a test: no timings are checked here, only that every section produces its
+numbers."""
 
 import json
 import os
@@ -91,3 +92,23 @@ def test_quick_pipeline_benchmark_runs(tmp_path):
             assert row[f"{side}_img_s"] > 0 and row[f"{side}_cpu_ms_per_img"] > 0
         assert row["ratio"] > 0 and f"| {row['workers']} | " in proc.stdout
     assert result["step"]["img_s"] > 0 and "bounds training here" in proc.stdout
+
+
+AUGMENT_COST = BENCHMARK.with_name("augment_cost.py")
+
+
+@pytest.mark.slow
+def test_quick_augment_cost_runs(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(AUGMENT_COST), "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "resnet20" and result["batch_size"] == 8
+    assert set(result["augmentation_ms"]) == {
+        "crop+flip", "+mixup/cutmix", "+randaugment(2, 9)", "+trivialaugment",
+        "+trivialaugment+mixup/cutmix",
+    }  # fmt: skip
+    assert all(ms > 0 for ms in [*result["augmentation_ms"].values(), *result["step_ms"].values()])
+    assert "augmentation alone" in proc.stdout and "train step" in proc.stdout

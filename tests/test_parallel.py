@@ -74,6 +74,24 @@ def test_jit_pmap_and_one_device_train_alike(tmp_path):
             np.testing.assert_array_equal(out[f"{mode}/{key}"], ref[f"single/{key}"], err_msg=key)
 
 
+def test_mixing_and_randaugment_on_a_mesh_and_under_pmap_in_bfloat16(tmp_path):
+    ref = pw.summarize("single", *pw.train_single(pw.make_mixaug_state, pw.uint8_batches))
+    # The policy ops take XLA a while to compile (twice in the worker) on a shared CPU.
+    pw.run_workers([["mixaug", str(tmp_path)]], num_devices=4, log_dir=tmp_path, timeout=300)
+    out = dict(np.load(tmp_path / "mixaug.npz"))
+    assert out["num_devices"] == 4
+    # jit: the global batch is mixed as on one device (one lam, pairs across devices), and each
+    # example draws the same ops: the same training.
+    assert_trees_close(ref, "single/params", out, "jit/params", ATOL)
+    assert_trees_close(ref, "single/batch_stats", out, "jit/batch_stats", ATOL)
+    np.testing.assert_allclose(out["jit/train_loss"], ref["single/train_loss"], rtol=1e-5)
+    # pmap: each device mixes its own shard with its own lam and draws its own ops; in bf16.
+    assert np.all(np.isfinite(out["pmap_bf16/train_loss"]))
+    assert out["pmap_bf16/eval_count"] == pw.EVAL_VALID
+    initial = pw.flatten("pmap_bf16/params", pw.make_state().params)
+    assert any(not np.allclose(out[key], value) for key, value in initial.items())  # it trained
+
+
 def saved_and_restored_on(num_devices: int, tmp_path) -> train_state.TrainState:
     """A state saved here on one device, then restored by a worker onto its `num_devices`-device
     mesh and saved from there (`parallel_worker.py checkpoint`). Not a fresh state (restore must

@@ -452,6 +452,25 @@ def test_without_a_validation_split_epochs_are_tested_and_the_last_checkpoint_re
     assert "test_accuracy" in records[-1] and "val_accuracy" not in records[-1]
 
 
+def test_a_bfloat16_run_with_trivialaugment_mixup_and_cutmix_trains_and_reports(
+    train_cli, tiny_overrides, tmp_path
+):
+    code, stderr = train_cli(
+        *tiny_overrides, f"--workdir={tmp_path}", "--config.half_precision=True",
+        "--config.augment.policy=trivialaugment", "--config.augment.mixup_alpha=0.2",
+        "--config.augment.cutmix_alpha=1.0",
+    )  # fmt: skip
+    assert code == 0, stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["augment"]["policy"] == "trivialaugment"
+    assert config["augment"]["cutmix_alpha"] == 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert train_losses and np.all(np.isfinite(train_losses))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= results["test_accuracy"] <= 1 and results["num_test_examples"] == 20
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

@@ -1,5 +1,7 @@
 """The train and eval steps on a tiny ResNet-20: learning, jit parity, the update and loss they
-compute, bf16 compute, frozen backbones, and masked evaluation."""
+compute, mixing, bf16 compute, frozen backbones, and masked evaluation."""
+
+import dataclasses
 
 import chex
 import jax
@@ -7,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import models, optim, train_state
+from resnet_jax import augment, models, optim, train_state
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 16, 16, 3)
@@ -138,6 +140,62 @@ def test_train_step_is_a_plain_sgd_step_on_the_smoothed_loss(variables, batch, s
     chex.assert_trees_all_close(new_state.params, expected_params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(new_state.batch_stats, updates["batch_stats"], rtol=1e-6)
     assert int(new_state.step) == 3
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_one_hot_targets_give_the_loss_and_grads_of_class_indices(batch, smoothing):
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(16, NUM_CLASSES)), jnp.float32)
+    labels = batch["label"]
+
+    def loss(logits, targets):
+        return train_state.cross_entropy(logits, targets, smoothing).mean()
+
+    one_hot = jax.nn.one_hot(labels, NUM_CLASSES)
+    chex.assert_trees_all_equal(
+        jax.value_and_grad(loss)(logits, one_hot), jax.value_and_grad(loss)(logits, labels)
+    )
+
+
+def test_mixing_with_probability_zero_is_the_plain_step(variables, batch):
+    plain = make_state(variables)
+    never_mixed = make_state(variables, mix=augment.Mix(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0))
+    for _ in range(2):
+        plain, plain_metrics = train_step(plain, batch)
+        never_mixed, metrics = train_step(never_mixed, batch)
+        chex.assert_trees_all_equal(metrics, plain_metrics)
+    chex.assert_trees_all_equal(never_mixed.params, plain.params)
+    chex.assert_trees_all_equal(never_mixed.batch_stats, plain.batch_stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedMixup:
+    """A Mix with a known lam: mixup at `lam` every step."""
+
+    lam: float
+
+    def __call__(self, images, rng):
+        del rng
+        lam = jnp.float32(self.lam)
+        return augment.mixup(images, lam), lam
+
+
+def test_train_step_learns_from_the_mixed_batch_and_scores_the_dominant_label(variables, batch):
+    smoothing, lam = 0.1, 0.3
+    state = make_state(variables, label_smoothing=smoothing, mix=FixedMixup(lam))
+    new_state, metrics = train_state.train_step(state, batch)
+
+    mixed = lam * batch["image"] + (1 - lam) * batch["image"][::-1]
+    logits, updates = tiny_model().apply(variables, mixed, train=True, mutable=["batch_stats"])
+    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    labels = np.asarray(batch["label"])
+    smoothed = np.eye(NUM_CLASSES)[labels] * (1 - smoothing) + smoothing / NUM_CLASSES
+    targets = lam * smoothed + (1 - lam) * smoothed[::-1]  # timm: smooth, then mix
+    np.testing.assert_allclose(
+        metrics["loss"], -np.mean(np.sum(targets * log_probs, -1)), rtol=1e-5
+    )
+    predictions = np.argmax(np.asarray(logits), -1)
+    np.testing.assert_allclose(metrics["accuracy"], np.mean(predictions == labels[::-1]))
+    chex.assert_trees_all_close(new_state.batch_stats, updates["batch_stats"], rtol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_loss(variables, batch):

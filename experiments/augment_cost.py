@@ -1,0 +1,116 @@
+"""What RandAugment, TrivialAugmentWide and mixup/CutMix cost per train step on this machine.
+
+    .venv/bin/python experiments/augment_cost.py            # resnet18-cifar, batch 128 (~2 min)
+    .venv/bin/python experiments/augment_cost.py --quick    # tiny sizes: proves the script runs
+
+Two measurements, each alternating its variants window by window (benchmark.alternate) on one
+device-resident uint8 batch: the on-device augmentation alone (preprocess, then the mix, jitted
+as the train step runs them) for each variant, and the whole train step (benchmark's resnet18-cifar
+state, compiled as `Parallel("jit")` compiles it) without and with the heaviest variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+
+from experiments import benchmark  # noqa: E402
+from resnet_jax import augment, cpu, parallel  # noqa: E402
+
+CROP_FLIP = {"mean": augment.CIFAR10_MEAN, "std": augment.CIFAR10_STD, "crop_padding": 4}
+VARIANTS: dict[str, tuple[dict[str, Any], augment.Mix | None]] = {
+    "crop+flip": ({}, None),
+    "+mixup/cutmix": ({}, augment.Mix(mixup_alpha=0.2, cutmix_alpha=1.0)),
+    "+randaugment(2, 9)": ({"policy": "randaugment"}, None),
+    "+trivialaugment": ({"policy": "trivialaugment"}, None),
+    "+trivialaugment+mixup/cutmix": (
+        {"policy": "trivialaugment"},
+        augment.Mix(mixup_alpha=0.2, cutmix_alpha=1.0),
+    ),
+}
+HEAVIEST = "+trivialaugment+mixup/cutmix"
+
+
+def augmentation_only(policy: dict[str, Any], mix: augment.Mix | None, images: jax.Array):
+    """`run(n)`: seconds per call of the jitted preprocess (+ mix) on `images`."""
+    preprocess = augment.make_preprocess(**CROP_FLIP, **policy)
+
+    @jax.jit
+    def augmentation(images, rng):
+        out = preprocess(images, rng)
+        return out if mix is None else mix(out, rng)[0]
+
+    rng = jax.random.key(0)
+    return benchmark.timed(lambda: augmentation(images, rng))
+
+
+class Step:
+    """The compiled train step of benchmark's `name` state with one variant's augmentation."""
+
+    def __init__(self, name: str, batch_size: int, policy: dict, mix: augment.Mix | None):
+        self.par = parallel.Parallel("jit")
+        preprocess = augment.make_preprocess(**CROP_FLIP, **policy)
+        state = benchmark.make_state(name, preprocess=preprocess).replace(mix=mix)
+        self.state = self.par.place_state(state)
+        self.batch = self.par.shard_batch(benchmark.host_batch(batch_size, uint8=True))
+        self.step = self.par.compile_train_step().lower(self.state, self.batch).compile()
+        self.run = benchmark.timed(self)
+
+    def __call__(self) -> Any:
+        self.state, metrics = self.step(self.state, self.batch)  # the state is donated
+        return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="resnet18-cifar", choices=list(benchmark.MODELS))
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
+    parser.add_argument("--quick", action="store_true", help="resnet20, batch 8, one window")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.batch_size, args.windows, args.steps = "resnet20", 8, 1, 1
+    batch = benchmark.host_batch(args.batch_size, uint8=True)
+    images = jax.device_put(batch["image"])
+    alone = benchmark.alternate(
+        {name: augmentation_only(*spec, images) for name, spec in VARIANTS.items()},
+        args.windows,
+        args.steps,
+    )
+    steps = {
+        name: Step(args.model, args.batch_size, *VARIANTS[name]) for name in ("crop+flip", HEAVIEST)
+    }
+    step_times = benchmark.alternate(
+        {name: step.run for name, step in steps.items()}, args.windows, args.steps
+    )
+    result = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "load_average": os.getloadavg()[0],
+        "augmentation_ms": {name: 1000 * alone[name] for name in VARIANTS},
+        "step_ms": {name: 1000 * step_times[name] for name in steps},
+    }
+    print(f"{args.model}, batch {args.batch_size}, load average {result['load_average']:.1f}")
+    for name, ms in result["augmentation_ms"].items():
+        print(f"  augmentation alone  {name:30s} {ms:8.1f} ms/batch")
+    for name, ms in result["step_ms"].items():
+        print(f"  train step          {name:30s} {ms:8.1f} ms/step")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
