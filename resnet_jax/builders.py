@@ -271,6 +271,9 @@ def create_state(
         preprocess=preprocess,
         label_smoothing=config.label_smoothing,
         learning_rate_fn=schedule,
+        grad_accumulation_steps=config.optimizer.grad_accumulation_steps,
+        ema_decay=config.ema.decay,
+        ema_warmup=config.ema.warmup,
     )
 
 

@@ -3,6 +3,8 @@
     python -m resnet_jax.evaluate --workdir W            # the checkpoint results.json reports
     python -m resnet_jax.evaluate --checkpoint W/checkpoints/7020 --output eval.json
 
+With an EMA of the weights the run's chosen weights are tested (its ema.weights: the average
+unless "raw"), as results.json's headline figures are; "weights" in the output says which.
 Prints loss, accuracy, macro precision/recall/F1, the per-class figures and the confusion matrix;
 `--output` also writes them as JSON (results.json's format) and `confusion_matrix.png` beside it.
 """
@@ -20,7 +22,7 @@ from absl import flags, logging
 from resnet_jax import builders, checkpoint, cli, config_utils, files, loop, parallel, reporting
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
-from resnet_jax.workdir import chosen_checkpoint
+from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
 
 def find_checkpoint(
@@ -93,23 +95,32 @@ def eval_state(
 def evaluate_checkpoint(
     workdir: str | None = None, checkpoint_path: str | None = None, data_dir: str | None = None
 ) -> dict[str, Any]:
-    """results.json's figures for a checkpoint, on the test split of the dataset it trained on."""
+    """results.json's figures for a checkpoint, on the test split of the dataset it trained on,
+    with the weights the run reports (its EMA unless ema.weights = "raw", when it kept one)."""
     checkpoints, step, why = find_checkpoint(workdir, checkpoint_path)
     try:
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
         dataset = builders.load_dataset(config)
-        variables = checkpoints.restore_variables(step)
+        weights = chosen_weights(config)
+        variables = checkpoints.restore_variables(step, ema=weights == "ema")
     finally:
         checkpoints.close()
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
     state = par.place_state(eval_state(config, variables, dataset.num_classes, dataset.image_shape))
-    logging.info("Testing %s's checkpoint at step %d (%s).", config.model.name, step, why)
+    logging.info(
+        "Testing %s's checkpoint at step %d (%s), %s weights.",
+        config.model.name,
+        step,
+        why,
+        weights,
+    )
     evaluation = loop.evaluate_split(par.compile_eval_step(), state, dataset.test, par, batch_size)
     return {
         **loop.summarize_test(evaluation, dataset.class_names),
+        "weights": weights,
         "checkpoint_step": step,
         "checkpoint_epoch": meta["epoch"],
         "checkpoint_selection": why,

@@ -251,7 +251,8 @@ SCHEDULE_NAMES = tuple(SCHEDULES)
 
 # --- The config sections -------------------------------------------------------------------------
 
-# The keys every optimizer (make_optimizer's own arguments) and every schedule reads.
+# The keys every optimizer (make_optimizer's own arguments; grad_accumulation_steps is the train
+# step's) and every schedule reads.
 OPTIMIZER_COMMON = (
     Option("name", "sgd", f"the optimizer: {', '.join(OPTIMIZER_NAMES)}"),
     Option(
@@ -272,6 +273,13 @@ OPTIMIZER_COMMON = (
     Option(
         "grad_clip_norm", 0.0, "clip the global gradient norm to this; 0 = no clipping",
         (">= 0 (0 = no clipping)", lambda v: v >= 0),
+    ),
+    Option(
+        "grad_accumulation_steps", 1,
+        "split each step's batch_size images into this many micro-batches, run one after "
+        "another, and make one update from their mean gradient (for batches larger than the "
+        "devices hold; steps, epochs and schedules still count updates of batch_size images)",
+        (">= 1 (1 = no accumulation)", lambda v: v >= 1),
     ),
 )  # fmt: skip
 SCHEDULE_COMMON = (

@@ -4,7 +4,8 @@
 
 Each image is loaded with PIL as RGB, resized to the size the run's images had when it trained
 (bilinear, as image folders are resized on load), and preprocessed exactly as evaluation does
-(the on-device resize, if any, and the same normalization).
+(the on-device resize, if any, and the same normalization). A run that kept an EMA of its weights
+predicts with them, unless its ema.weights is "raw", as its results.json reports.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image
 
 from resnet_jax import cli, evaluate
 from resnet_jax.config_utils import ConfigError
+from resnet_jax.workdir import chosen_weights
 
 
 class ImageError(ValueError):
@@ -58,10 +60,11 @@ def predict(
     checkpoints, step, _ = evaluate.find_checkpoint(workdir, checkpoint_path)
     try:
         meta = checkpoints.meta(step)
-        variables = checkpoints.restore_variables(step)
+        config = evaluate.saved_config(meta, data_dir=None)
+        ema = chosen_weights(config) == "ema"
+        variables = checkpoints.restore_variables(step, ema=ema)
     finally:
         checkpoints.close()
-    config = evaluate.saved_config(meta, data_dir=None)
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
     images = load_images(image_paths, image_shape)
     state = evaluate.eval_state(config, variables, len(class_names), image_shape)
