@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 
-from resnet_jax import builders, checkpoint, cli, config_utils, models, optim, train
+from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
 from tests.conftest import REPO_ROOT, load_recipe
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
@@ -450,6 +450,35 @@ def test_without_a_validation_split_epochs_are_tested_and_the_last_checkpoint_re
     assert results["checkpoint_selection"].startswith("latest")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "test_accuracy" in records[-1] and "val_accuracy" not in records[-1]
+
+
+def test_an_ema_and_accumulation_run_reports_both_weights_and_picks_by_the_ema(
+    train_cli, tiny_overrides, tmp_path, caplog
+):
+    code, stderr = train_cli(
+        *tiny_overrides, f"--workdir={tmp_path}", "--config.ema.decay=0.5",
+        "--config.ema.warmup=True", "--config.optimizer.grad_accumulation_steps=2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert (
+        "Gradient accumulation: 18 optimizer updates of 10 images, each the mean gradient of 2 "
+        "micro-batches of 5 (5 per device)"
+    ) in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["record"] == "epoch"]
+    assert [r["step"] for r in epochs] == [9, 18]  # steps are optimizer updates
+    for record in epochs:
+        assert record["ema_val_loss"] != record["val_loss"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["weights"] == "ema"
+    assert results["test_accuracy"] == results["ema_test_accuracy"]
+    assert results["test_loss"] == results["ema_test_loss"] != results["raw_test_loss"]
+    best = max(epochs, key=lambda r: (r["ema_val_accuracy"], r["step"]))
+    assert results["checkpoint_step"] == best["step"]
+    # evaluate tests the same weights of the same checkpoint.
+    evaluated = evaluate.evaluate_checkpoint(workdir=str(tmp_path))
+    assert evaluated["weights"] == "ema"
+    assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
