@@ -91,7 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
     # evaluated each epoch and on the test split).
     ema.weights = "ema"
 
-    config.batch_size = 128  # global batch: over all devices and hosts
+    # Global batch of one optimizer update, over all devices and hosts (with gradient accumulation,
+    # the sum of its optimizer.grad_accumulation_steps micro-batches).
+    config.batch_size = 128
     config.eval_batch_size = 512  # global batch for evaluation (no gradients, so it can be larger)
     config.num_epochs = 200  # an epoch = train examples // batch_size steps (optimizer updates)
     config.num_steps = 0  # > 0: train this many steps instead, the last epoch cut short (a
