@@ -73,6 +73,15 @@ def saved_config(meta: dict[str, Any], data_dir: str | None) -> ml_collections.C
     return config
 
 
+def chosen_variables(
+    checkpoints: checkpoint.Checkpoints, step: int, config: ml_collections.ConfigDict
+) -> tuple[dict[str, Any], str]:
+    """The variables of `step` that its run reports (its EMA's unless ema.weights = "raw", when
+    it kept one), and which they are: "ema" or "raw"."""
+    weights = chosen_weights(config)
+    return checkpoints.restore_variables(step, ema=weights == "ema"), weights
+
+
 def eval_state(
     config: ml_collections.ConfigDict,
     variables: dict[str, Any],
@@ -102,8 +111,7 @@ def evaluate_checkpoint(
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
         dataset = builders.load_dataset(config)
-        weights = chosen_weights(config)
-        variables = checkpoints.restore_variables(step, ema=weights == "ema")
+        variables, weights = chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync

@@ -71,7 +71,9 @@ def check_batch_size(global_batch_size: int, num_devices: int, name: str = "batc
         )
 
 
-def check_micro_batch_size(global_batch_size: int, accumulation_steps: int, num_devices: int):
+def check_micro_batch_size(
+    global_batch_size: int, accumulation_steps: int, num_devices: int
+) -> None:
     """Raise ParallelError unless each of gradient accumulation's micro-batches (the global batch
     over `accumulation_steps`) splits evenly over the devices."""
     micro_batch_size = global_batch_size // accumulation_steps

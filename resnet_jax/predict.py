@@ -20,7 +20,6 @@ from PIL import Image
 
 from resnet_jax import cli, evaluate
 from resnet_jax.config_utils import ConfigError
-from resnet_jax.workdir import chosen_weights
 
 
 class ImageError(ValueError):
@@ -61,8 +60,7 @@ def predict(
     try:
         meta = checkpoints.meta(step)
         config = evaluate.saved_config(meta, data_dir=None)
-        ema = chosen_weights(config) == "ema"
-        variables = checkpoints.restore_variables(step, ema=ema)
+        variables, _ = evaluate.chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])

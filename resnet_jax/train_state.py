@@ -54,7 +54,8 @@ class TrainState(flax_train_state.TrainState):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
     def update_ema(self) -> TrainState:
-        """The state after moving its weights' average (none here) to the current weights."""
+        """After an optimizer update: move the weights' average, where there is one (see
+        EmaTrainState); a plain TrainState keeps none."""
         return self
 
 
@@ -91,7 +92,8 @@ class EmaTrainState(TrainState):
         return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
     def update_ema(self) -> EmaTrainState:
-        """average <- decay * average + (1 - decay) * weights, with the decay at this step."""
+        """After an optimizer update: average <- d * average + (1 - d) * weights, where d is the
+        decay after `step` updates (this one included)."""
         step_size = 1.0 - self.decay_at(self.step)
         return self.replace(
             ema_params=optax.incremental_update(self.params, self.ema_params, step_size),

@@ -475,10 +475,20 @@ def test_an_ema_and_accumulation_run_reports_both_weights_and_picks_by_the_ema(
     assert results["test_loss"] == results["ema_test_loss"] != results["raw_test_loss"]
     best = max(epochs, key=lambda r: (r["ema_val_accuracy"], r["step"]))
     assert results["checkpoint_step"] == best["step"]
-    # evaluate tests the same weights of the same checkpoint.
+    # evaluate tests the same weights of the same checkpoint; predict uses them too.
     evaluated = evaluate.evaluate_checkpoint(workdir=str(tmp_path))
     assert evaluated["weights"] == "ema"
     assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+    checkpoints = checkpoint.Checkpoints(tmp_path / "checkpoints", read_only=True)
+    try:
+        step = results["checkpoint_step"]
+        config = config_utils.resolve(checkpoints.meta(step)["config"])
+        variables, weights = evaluate.chosen_variables(checkpoints, step, config)
+        raw = checkpoints.restore_variables(step)
+    finally:
+        checkpoints.close()
+    assert weights == "ema"
+    assert not np.allclose(variables["params"]["fc"]["kernel"], raw["params"]["fc"]["kernel"])
 
 
 @pytest.mark.parametrize(
