@@ -93,9 +93,24 @@ def get_config() -> ml_collections.ConfigDict:
         options = optim.config_options(section).values()
         config[section] = ml_collections.ConfigDict({o.key: o.default for o in options})
 
-    config.batch_size = 128  # global batch: over all devices and hosts
+    config.ema = ema = ml_collections.ConfigDict()
+    # Exponential moving average of the weights, updated after every optimizer update: average =
+    # decay * average + (1 - decay) * weights, over params AND BatchNorm statistics (as timm's
+    # ModelEmaV2 averages the whole state_dict). 0 = off; e.g. 0.9999 for ~10k-update horizons.
+    ema.decay = 0.0
+    # Warm the decay up: min(decay, (1 + t) / (10 + t)) after t updates (TensorFlow's
+    # ExponentialMovingAverage with num_updates), so early averages forget the initial weights.
+    ema.warmup = False
+    # With an EMA, which weights ("ema" or "raw") pick the best checkpoint by validation accuracy
+    # and give results.json's headline figures and evaluate's and predict's outputs (both are
+    # evaluated each epoch and on the test split).
+    ema.weights = "ema"
+
+    # Global batch of one optimizer update, over all devices and hosts (with gradient accumulation,
+    # the sum of its optimizer.grad_accumulation_steps micro-batches).
+    config.batch_size = 128
     config.eval_batch_size = 512  # global batch for evaluation (no gradients, so it can be larger)
-    config.num_epochs = 200  # an epoch = train examples // batch_size steps
+    config.num_epochs = 200  # an epoch = train examples // batch_size steps (optimizer updates)
     config.num_steps = 0  # > 0: train this many steps instead, the last epoch cut short (a
     # --config.num_epochs on the command line sets it back to 0)
     config.seed = 0  # initialization, augmentation and data order

@@ -304,6 +304,9 @@ def create_state(
         label_smoothing=config.label_smoothing,
         learning_rate_fn=schedule,
         mix=build_mix(config),
+        grad_accumulation_steps=config.optimizer.grad_accumulation_steps,
+        ema_decay=config.ema.decay,
+        ema_warmup=config.ema.warmup,
     )
 
 

@@ -319,17 +319,19 @@ class Checkpoints:
         )  # fmt: skip
         return max(earlier)
 
-    def restore_variables(self, step: int) -> dict[str, Any]:
+    def restore_variables(self, step: int, *, ema: bool = False) -> dict[str, Any]:
         """{"params", "batch_stats"} of `step` as host numpy arrays, with no state to restore
-        into: for evaluation and prediction, which need neither the optimizer nor a mesh."""
+        into: for evaluation and prediction, which need neither the optimizer nor a mesh. With
+        `ema`, the moving average of the weights that an EMA run saves beside them."""
         try:
             with quiet_abandoned_reads():
                 state = self._restore_as_saved(step)
         except Exception as error:
             raise self._damaged(step, "arrays", error) from None
+        prefix = "ema_" if ema else ""
         return {
-            "params": jax.tree.map(np.asarray, state["params"]),
-            "batch_stats": jax.tree.map(np.asarray, state.get("batch_stats", {})),
+            "params": jax.tree.map(np.asarray, state[f"{prefix}params"]),
+            "batch_stats": jax.tree.map(np.asarray, state.get(f"{prefix}batch_stats") or {}),
         }
 
     def wait(self) -> None:

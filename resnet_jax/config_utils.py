@@ -22,6 +22,7 @@ from resnet_jax import augment, autoaugment, base_config, models, optim, paralle
 BASE_CONFIG = "resnet_jax/base_config.py"
 NORMALIZATIONS = ("auto", "cifar10", "imagenet")
 RESULTS_CHECKPOINTS = ("best_val", "final")  # workdir.chosen_checkpoint's selections
+EMA_WEIGHTS = ("ema", "raw")  # workdir.chosen_weights' selections
 FREEZE_HELP = '"none", "backbone", or the number of stages k (the stem and stages 1..k), e.g. "2"'
 
 # Allowed values of the keys that name a choice.
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "schedule.name": optim.SCHEDULE_NAMES,
     "parallel": parallel.MODES,
     "results_checkpoint": RESULTS_CHECKPOINTS,
+    "ema.weights": EMA_WEIGHTS,
 }
 # Ranges of the numeric keys: (the requirement as users read it, the test).
 LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -65,6 +67,7 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "log_every_steps": (">= 1", lambda v: v >= 1),
     "profile.start_step": (">= 0", lambda v: v >= 0),
     "profile.num_steps": (">= 0 (0 = no trace)", lambda v: v >= 0),
+    "ema.decay": ("in [0, 1) (0 = off)", lambda v: 0 <= v < 1),
     **{
         f"{section}.{option.key}": option.limit
         for section in optim.SECTIONS
@@ -121,6 +124,7 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
             problems.append(problem)
     if merged["num_epochs"] == 0 and merged["num_steps"] == 0:
         problems.append("num_epochs and num_steps are both 0: set one of them to how long to train")
+    problems += _accumulation_problems(merged)
     if problems:
         raise ConfigError(
             f"The config has {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
@@ -131,6 +135,21 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
     resolved = default_config()
     resolved.update_from_flattened_dict({k: v for k, v in merged.items()})
     return resolved
+
+
+def _accumulation_problems(merged: dict[str, Any]) -> list[str]:
+    """Gradient accumulation splits each batch into equal micro-batches."""
+    steps, batch_size = merged["optimizer.grad_accumulation_steps"], merged["batch_size"]
+    if not (isinstance(steps, int) and isinstance(batch_size, int)) or steps < 1 or batch_size < 1:
+        return []  # reported as a type or range problem
+    if batch_size % steps == 0:
+        return []
+    below = max(steps, batch_size // steps * steps)
+    return [
+        f"optimizer.grad_accumulation_steps = {steps} does not divide batch_size = {batch_size} "
+        f"into equal micro-batches: set batch_size to a multiple of {steps} (e.g. {below} or "
+        f"{below + steps}), or another number of accumulation steps"
+    ]
 
 
 def unknown_key_problem(key: str, known: list[str]) -> str:

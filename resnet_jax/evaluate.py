@@ -4,6 +4,8 @@
     python -m resnet_jax.evaluate --checkpoint W/checkpoints/7020 --output eval.json
     python -m resnet_jax.evaluate --workdir W --tta flip  # test-time augmentation
 
+With an EMA of the weights the run's chosen weights are tested (its ema.weights: the average
+unless "raw"), as results.json's headline figures are; "weights" in the output says which.
 Prints loss, accuracy, macro precision/recall/F1, the per-class figures and the confusion matrix;
 `--output` also writes them as JSON (results.json's format) and `confusion_matrix.png` beside it.
 `--tta flip` classifies each test image by the mean of the logits of the image and of its mirror
@@ -26,7 +28,7 @@ from absl import flags, logging
 from resnet_jax import builders, checkpoint, cli, config_utils, files, loop, parallel, reporting
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
-from resnet_jax.workdir import chosen_checkpoint
+from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
 
 def find_checkpoint(
@@ -77,6 +79,15 @@ def saved_config(meta: dict[str, Any], data_dir: str | None) -> ml_collections.C
     return config
 
 
+def chosen_variables(
+    checkpoints: checkpoint.Checkpoints, step: int, config: ml_collections.ConfigDict
+) -> tuple[dict[str, Any], str]:
+    """The variables of `step` that its run reports (its EMA's unless ema.weights = "raw", when
+    it kept one), and which they are: "ema" or "raw"."""
+    weights = chosen_weights(config)
+    return checkpoints.restore_variables(step, ema=weights == "ema"), weights
+
+
 def eval_state(
     config: ml_collections.ConfigDict,
     variables: dict[str, Any],
@@ -120,7 +131,8 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     tta: str = "none",
 ) -> dict[str, Any]:
-    """results.json's figures for a checkpoint, on the test split of the dataset it trained on.
+    """results.json's figures for a checkpoint, on the test split of the dataset it trained on,
+    with the weights the run reports (its EMA unless ema.weights = "raw", when it kept one).
 
     `tta`: "none", or a test-time augmentation of `TTA` (its name is then in the results' "tta").
     """
@@ -131,7 +143,7 @@ def evaluate_checkpoint(
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
         dataset = builders.load_dataset(config)
-        variables = checkpoints.restore_variables(step)
+        variables, weights = chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
@@ -142,12 +154,13 @@ def evaluate_checkpoint(
         state = state.replace(apply_fn=TTA[tta](state.apply_fn))
     state = par.place_state(state)
     logging.info(
-        "Testing %s's checkpoint at step %d (%s)%s.", config.model.name, step, why,
-        "" if tta == "none" else f", test-time augmentation {tta}",
+        "Testing %s's checkpoint at step %d (%s), %s weights%s.", config.model.name, step, why,
+        weights, "" if tta == "none" else f", test-time augmentation {tta}",
     )  # fmt: skip
     evaluation = loop.evaluate_split(par.compile_eval_step(), state, dataset.test, par, batch_size)
     return {
         **loop.summarize_test(evaluation, dataset.class_names),
+        "weights": weights,
         "checkpoint_step": step,
         "checkpoint_epoch": meta["epoch"],
         "checkpoint_selection": why,

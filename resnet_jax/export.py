@@ -66,10 +66,10 @@ def export_checkpoint(
     checkpoints, step, why = evaluate.find_checkpoint(workdir, checkpoint_path)
     try:
         meta = checkpoints.meta(step)
-        variables = checkpoints.restore_variables(step)
+        config = evaluate.saved_config(meta, data_dir=None)
+        variables, weights = evaluate.chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
-    config = evaluate.saved_config(meta, data_dir=None)
     config.model.kernels = "xla"  # plain XLA ops lower for every platform
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
     state = evaluate.eval_state(config, variables, len(class_names), image_shape)
@@ -95,6 +95,7 @@ def export_checkpoint(
         "dataset": config.dataset.name,
         "checkpoint_step": step,
         "checkpoint_selection": why,
+        "weights": weights,  # "ema" or "raw", as the run's results.json reports
     }
     _write_new_directory(output, artifact, manifest)
     return manifest

@@ -28,7 +28,7 @@ from resnet_jax import checkpoint, data, metrics, optim, parallel, profiling
 from resnet_jax import train_state as ts
 from resnet_jax.builders import REFERENCE_BATCH_SIZE, Plan, peak_learning_rate
 from resnet_jax.reporting import Reporter
-from resnet_jax.workdir import chosen_checkpoint
+from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
 
 class Interrupted(Exception):
@@ -269,10 +269,10 @@ def train_epoch(
 def end_epoch(
     run: Run, state: ts.TrainState, epoch: int, train_means: dict[str, float], stop: StopSignal
 ) -> None:
-    """Evaluate, record and log the epoch; checkpoint it when due (or stopping, or last)."""
-    evaluation = evaluate_split(
-        run.eval_step, state, run.eval_split, run.par, run.config.eval_batch_size
-    )
+    """Evaluate (the EMA weights too, if any), record and log the epoch; checkpoint it when due
+    (or stopping, or last)."""
+    evaluations = evaluate_weights(run, state, run.eval_split)
+    raw = evaluations["raw"]
     step = int(jax.device_get(run.par.host_state(state).step))
     split = run.eval_split_name
     record = {
@@ -281,10 +281,13 @@ def end_epoch(
         "epoch": epoch + 1,
         "steps_per_epoch": run.plan.steps_per_epoch,  # the last epoch may be cut short
         **train_means,
-        f"{split}_loss": evaluation["loss"],
-        f"{split}_accuracy": evaluation["accuracy"],
+        f"{split}_loss": raw["loss"],
+        f"{split}_accuracy": raw["accuracy"],
         "learning_rate": float(run.schedule(step - 1)),
     }
+    if "ema" in evaluations:
+        record[f"ema_{split}_loss"] = evaluations["ema"]["loss"]
+        record[f"ema_{split}_accuracy"] = evaluations["ema"]["accuracy"]
     run.reporter.write(record)
     run.reporter.plot_curves()
     with tqdm.external_write_mode():
@@ -292,13 +295,19 @@ def end_epoch(
             "Epoch %d/%d (step %d): train loss %.4f, accuracy %.2f%%; %s loss %.4f, accuracy "
             "%.2f%%.",
             epoch + 1, run.plan.num_epochs, step, train_means["train_loss"],
-            100 * train_means["train_accuracy"], split, evaluation["loss"],
-            100 * evaluation["accuracy"],
+            100 * train_means["train_accuracy"], split, raw["loss"], 100 * raw["accuracy"],
         )  # fmt: skip
+        if "ema" in evaluations:
+            logging.info(
+                "Epoch %d EMA weights: %s loss %.4f, accuracy %.2f%%.",
+                epoch + 1, split, evaluations["ema"]["loss"], 100 * evaluations["ema"]["accuracy"],
+            )  # fmt: skip
     last = step == run.plan.total_steps
     stopping = stop.requested(sync=True)
     if last or stopping or (epoch + 1) % run.config.checkpoint_every_epochs == 0:
-        val_accuracy = evaluation["accuracy"] if split == "val" else None
+        # The best checkpoint is the best of the weights the run reports.
+        chosen = evaluations[chosen_weights(run.config)]
+        val_accuracy = chosen["accuracy"] if split == "val" else None
         save(run, state, epoch + 1, val_accuracy=val_accuracy)
     if stopping and not last:
         raise Interrupted(stop.signum, step)
@@ -359,6 +368,19 @@ def evaluate_split(
     }
 
 
+def evaluate_weights(run: Run, state: ts.TrainState, split: data.Split) -> dict[str, Any]:
+    """`evaluate_split` of the trained weights ("raw") and, for an EMA run, of their average
+    ("ema")."""
+
+    def on(weights: ts.TrainState) -> dict[str, Any]:
+        return evaluate_split(run.eval_step, weights, split, run.par, run.config.eval_batch_size)
+
+    evaluations = {"raw": on(state)}
+    if isinstance(state, ts.EmaTrainState):
+        evaluations["ema"] = on(state.with_ema_weights())
+    return evaluations
+
+
 def summarize_test(evaluation: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
     """results.json's figures from `evaluate` on the test split."""
     report = metrics.classification_report(evaluation["confusion"], class_names)
@@ -371,7 +393,8 @@ def summarize_test(evaluation: dict[str, Any], class_names: list[str]) -> dict[s
 
 
 def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
-    """results.json: the chosen checkpoint's figures on the test split."""
+    """results.json: the chosen checkpoint's figures on the test split, from the chosen weights
+    ("weights": "ema" or "raw"); an EMA run also reports both weights' test loss and accuracy."""
     run.checkpoints.wait()
     step, why = chosen_checkpoint(run.checkpoints, run.config.results_checkpoint)
     state = run.par.place_state(
@@ -379,12 +402,21 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
     )
     step = int(jax.device_get(run.par.host_state(state).step))  # an earlier one if it was damaged
     epoch = run.checkpoints.meta(step)["epoch"]
-    logging.info("Testing the checkpoint at step %d (epoch %d, %s).", step, epoch, why)
-    evaluation = evaluate_split(
-        run.eval_step, state, run.dataset.test, run.par, run.config.eval_batch_size
+    weights = chosen_weights(run.config)
+    logging.info(
+        "Testing the checkpoint at step %d (epoch %d, %s), %s weights.", step, epoch, why, weights
     )
+    evaluations = evaluate_weights(run, state, run.dataset.test)
+    both = {
+        f"{name}_test_{key}": evaluation[key]
+        for name, evaluation in evaluations.items()
+        for key in ("loss", "accuracy")
+        if len(evaluations) > 1
+    }
     return {
-        **summarize_test(evaluation, run.dataset.class_names),
+        **summarize_test(evaluations[weights], run.dataset.class_names),
+        "weights": weights,
+        **both,
         "checkpoint_step": step,
         "checkpoint_epoch": epoch,
         "checkpoint_selection": why,

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules: one registry, each entry built from optax.
 
-The names are those the reports compare: SGD with momentum, Adam, AdamW and RMSprop; constant,
-cosine, step, exponential and time-based schedules, each with an optional linear warmup from 0.
+The names are those the reports compare: SGD with momentum, Adam, AdamW and RMSprop, and LARS and
+LAMB for large batches; constant, cosine, step, exponential and time-based schedules, each with an
+optional linear warmup from 0.
 
 Each optimizer and schedule is defined once, in OPTIMIZERS or SCHEDULES: its name, its config
 options (key, default, meaning, limit), how its epoch-based options become steps, and how optax
@@ -38,11 +39,12 @@ class Option:
 class OptimizerSpec:
     """An optimizer. `build(learning_rate, **options)` is its optax transformation, whose keyword
     arguments are the config `options` of the same names (their defaults are make_optimizer's).
-    With `decoupled_weight_decay`, build also takes (weight_decay, mask) and applies them."""
+    With `applies_weight_decay`, build also takes (weight_decay, mask) and applies them itself
+    (adamw decoupled; lars and lamb also mask their trust ratio with them)."""
 
     build: Callable[..., optax.GradientTransformation]
     options: tuple[Option, ...] = ()
-    decoupled_weight_decay: bool = False
+    applies_weight_decay: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,11 @@ B2 = Option("b2", 0.999, "second-moment decay", IN_0_1)
 EPS = Option("eps", 1e-8, "denominator epsilon", POSITIVE)
 DECAY = Option("decay", 0.9, "decay of the squared-gradient average", IN_0_1)
 CENTERED = Option("centered", False, "divide by the gradient's variance, not its raw moment")
+TRUST_COEFFICIENT = Option(
+    "trust_coefficient", 1e-3,
+    "lars: each layer's rate is learning_rate * trust_coefficient * |w| / |g + weight_decay * w|",
+    POSITIVE,
+)  # fmt: skip
 
 
 def _sgd(learning_rate: float | Schedule, *, momentum: float = 0.0, nesterov: bool = False):
@@ -92,11 +99,47 @@ def _rmsprop(learning_rate: float | Schedule, *, decay=0.9, eps=1e-8, momentum=0
     )  # fmt: skip
 
 
+def _lars(
+    learning_rate: float | Schedule,
+    weight_decay,
+    mask,
+    *,
+    momentum=0.9,
+    nesterov=False,
+    trust_coefficient=1e-3,
+    eps=1e-8,
+):
+    # Weight decay and the trust ratio skip what the mask leaves out (BN, biases), as SimCLR's
+    # LARS and timm's Lars (which adapts only decayed groups) do.
+    mask = True if mask is None else mask
+    return optax.lars(
+        learning_rate, weight_decay=weight_decay, weight_decay_mask=mask,
+        trust_coefficient=trust_coefficient, eps=eps, trust_ratio_mask=mask, momentum=momentum,
+        nesterov=nesterov,
+    )  # fmt: skip
+
+
+def _lamb(learning_rate: float | Schedule, weight_decay, mask, *, b1=0.9, b2=0.999, eps=1e-8):
+    # optax.lamb, but its trust ratio masked like its weight decay (BN and biases neither decayed
+    # nor adapted, as in the LAMB reference code and timm's Lamb): optax.lamb adapts everything.
+    trust_ratio = optax.scale_by_trust_ratio()
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.masked(trust_ratio, mask) if mask else trust_ratio,
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(_sgd, options=(MOMENTUM, NESTEROV)),
     "adam": OptimizerSpec(_adam, options=(B1, B2, EPS)),
-    "adamw": OptimizerSpec(_adamw, options=(B1, B2, EPS), decoupled_weight_decay=True),
+    "adamw": OptimizerSpec(_adamw, options=(B1, B2, EPS), applies_weight_decay=True),
     "rmsprop": OptimizerSpec(_rmsprop, options=(DECAY, EPS, MOMENTUM, CENTERED)),
+    "lars": OptimizerSpec(
+        _lars, options=(MOMENTUM, NESTEROV, TRUST_COEFFICIENT, EPS), applies_weight_decay=True
+    ),
+    "lamb": OptimizerSpec(_lamb, options=(B1, B2, EPS), applies_weight_decay=True),
 }
 
 # --- Schedules (each is the part after the warmup; steps count from the start of training) ------
@@ -208,7 +251,8 @@ SCHEDULE_NAMES = tuple(SCHEDULES)
 
 # --- The config sections -------------------------------------------------------------------------
 
-# The keys every optimizer (make_optimizer's own arguments) and every schedule reads.
+# The keys every optimizer (make_optimizer's own arguments; grad_accumulation_steps is the train
+# step's) and every schedule reads.
 OPTIMIZER_COMMON = (
     Option("name", "sgd", f"the optimizer: {', '.join(OPTIMIZER_NAMES)}"),
     Option(
@@ -217,11 +261,25 @@ OPTIMIZER_COMMON = (
         "batch_size / 128 (linear scaling), and logs the rate it uses",
         ("> 0 (the peak rate for 128 images)", lambda v: v > 0),
     ),
-    Option("weight_decay", 5e-4, "L2 added to the gradient (decoupled for adamw)", NON_NEGATIVE),
-    Option("decay_all_params", False, "False: weight decay on conv/dense kernels only, not BN"),
+    Option(
+        "weight_decay", 5e-4,
+        "L2 added to the gradient (decoupled for adamw and lamb; before the trust ratio for lars)",
+        NON_NEGATIVE,
+    ),
+    Option(
+        "decay_all_params", False,
+        "False: weight decay (and lars/lamb's trust ratio) on conv/dense kernels only, not BN",
+    ),
     Option(
         "grad_clip_norm", 0.0, "clip the global gradient norm to this; 0 = no clipping",
         (">= 0 (0 = no clipping)", lambda v: v >= 0),
+    ),
+    Option(
+        "grad_accumulation_steps", 1,
+        "split each step's batch_size images into this many micro-batches, run one after "
+        "another, and make one update from their mean gradient (for batches larger than the "
+        "devices hold; steps, epochs and schedules still count updates of batch_size images)",
+        (">= 1 (1 = no accumulation)", lambda v: v >= 1),
     ),
 )  # fmt: skip
 SCHEDULE_COMMON = (
@@ -313,10 +371,13 @@ def make_optimizer(
     **kwargs: Any,
 ) -> optax.GradientTransformation:
     """An optax optimizer by name: sgd (momentum, nesterov), adam, adamw (b1, b2, eps), rmsprop
-    (decay, eps, momentum, centered).
+    (decay, eps, momentum, centered), lars (momentum, nesterov, trust_coefficient, eps), lamb
+    (b1, b2, eps).
 
     `weight_decay` is coupled L2 (added to the gradient, as torch's `weight_decay`) for sgd, adam
-    and rmsprop, and decoupled for adamw; it applies to kernels only unless `decay_all_params`.
+    and rmsprop, decoupled for adamw and lamb, and added to the gradient before the trust ratio
+    for lars; it applies to kernels only unless `decay_all_params`, and so do lars' and lamb's
+    trust ratios.
     `grad_clip_norm` > 0 clips the global gradient norm first.
     """
     options = _options("optimizer", name, OPTIMIZERS, kwargs)
@@ -328,7 +389,7 @@ def make_optimizer(
     transforms = []
     if grad_clip_norm:
         transforms.append(optax.clip_by_global_norm(grad_clip_norm))
-    if spec.decoupled_weight_decay:
+    if spec.applies_weight_decay:
         base = spec.build(learning_rate, weight_decay, mask, **options)
     else:
         base = spec.build(learning_rate, **options)

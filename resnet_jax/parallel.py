@@ -71,6 +71,26 @@ def check_batch_size(global_batch_size: int, num_devices: int, name: str = "batc
         )
 
 
+def check_micro_batch_size(
+    global_batch_size: int, accumulation_steps: int, num_devices: int
+) -> None:
+    """Raise ParallelError unless each of gradient accumulation's micro-batches (the global batch
+    over `accumulation_steps`) splits evenly over the devices."""
+    micro_batch_size = global_batch_size // accumulation_steps
+    if micro_batch_size % num_devices == 0:
+        return
+    multiple = accumulation_steps * num_devices
+    below, above = nearest_divisible(global_batch_size, multiple)
+    sizes = f"{below} or {above}" if below != above else f"{below}"
+    raise ParallelError(
+        f"optimizer.grad_accumulation_steps = {accumulation_steps} splits each batch of "
+        f"{global_batch_size} into micro-batches of {micro_batch_size}, which do not divide evenly "
+        f"across the {num_devices} devices of this run. Set batch_size to a multiple of "
+        f"{multiple}, for example {sizes} (--config.batch_size={below}), or accumulate fewer "
+        "micro-batches."
+    )
+
+
 def is_main_process() -> bool:
     """True on the one process (index 0) that writes logs, plots and reports."""
     return jax.process_index() == 0

@@ -5,8 +5,9 @@
 
 Each image is loaded with PIL as RGB, resized to the size the run's images had when it trained
 (bilinear, as image folders are resized on load), and preprocessed exactly as evaluation does
-(the on-device resize, if any, and the same normalization). With --exported, the model and its
-preprocessing are the exported artifact's: nothing is built from the model's code.
+(the on-device resize, if any, and the same normalization). A run that kept an EMA of its weights
+predicts with them, unless its ema.weights is "raw", as its results.json reports. With --exported,
+the model and its preprocessing are the exported artifact's: nothing is built from the model's code.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def predict(
     checkpoints, step, _ = evaluate.find_checkpoint(workdir, checkpoint_path)
     try:
         meta = checkpoints.meta(step)
-        variables = checkpoints.restore_variables(step)
+        config = evaluate.saved_config(meta, data_dir=None)
+        variables, _ = evaluate.chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
-    config = evaluate.saved_config(meta, data_dir=None)
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
     images = load_images(image_paths, image_shape)
     state = evaluate.eval_state(config, variables, len(class_names), image_shape)

@@ -164,13 +164,14 @@ def epochs_done(record: dict[str, Any]) -> float:
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """Three panels against epoch: loss, accuracy (train and evaluation), learning rate."""
+    """Three panels against epoch: loss, accuracy (train and evaluation, the EMA weights' too),
+    learning rate."""
     epochs = [r for r in records if r.get("record") == "epoch"]
     steps = [r for r in records if r.get("record") == "step"]
     # A Figure of its own draws to a file without pyplot: no backend, no window, no global state.
     figure = Figure(figsize=(15, 4.2))
     loss_ax, accuracy_ax, lr_ax = figure.subplots(1, 3)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "ema_val", "ema_test"):
         points = [r for r in epochs if f"{split}_loss" in r]
         if points:
             x = [epochs_done(r) for r in points]

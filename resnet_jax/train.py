@@ -29,7 +29,14 @@ from resnet_jax import builders, checkpoint, cli, config_utils, data, loop, mode
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
 from resnet_jax.reporting import Reporter
-from resnet_jax.workdir import finished_results, log_results, prepare_workdir, restore, workdir_lock
+from resnet_jax.workdir import (
+    chosen_weights,
+    finished_results,
+    log_results,
+    prepare_workdir,
+    restore,
+    workdir_lock,
+)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -81,6 +88,9 @@ def setup(
             "devices here. Resume it on a device count that divides both (or set eval_batch_size "
             "alone), or start a new --workdir with other batch sizes."
         ) from error
+    parallel.check_micro_batch_size(
+        config.batch_size, config.optimizer.grad_accumulation_steps, par.num_devices
+    )
     dataset = builders.load_dataset(config)
     plan = builders.make_plan(config, len(dataset.train))
     log_plan(config, dataset, plan, par)
@@ -139,7 +149,9 @@ def log_plan(
             "No validation split (dataset.val_fraction = 0): each epoch is evaluated on the test "
             "split, and the final results come from the last checkpoint, not the best."
         )
-    per_device = plan.batch_size // par.num_devices
+    accumulation = config.optimizer.grad_accumulation_steps
+    micro_batch_size = plan.batch_size // accumulation
+    per_device = micro_batch_size // par.num_devices
     dropped = plan.num_train_examples - plan.steps_per_epoch * plan.batch_size
     length = (
         f"{config.num_steps} steps (num_steps; the last epoch cut short)"
@@ -153,6 +165,19 @@ def log_plan(
         jax.default_backend(), plan.steps_per_epoch, dropped, plan.num_epochs, plan.total_steps,
         length,
     )  # fmt: skip
+    if accumulation > 1:
+        logging.info(
+            "Gradient accumulation: %d optimizer updates of %d images, each the mean gradient of "
+            "%d micro-batches of %d (%d per device); steps, epochs and the schedule count updates.",
+            plan.total_steps, plan.batch_size, accumulation, micro_batch_size, per_device,
+        )  # fmt: skip
+    if config.ema.decay:
+        logging.info(
+            "EMA of the weights: decay %g%s; the %s weights pick the best checkpoint and give the "
+            "results.",
+            config.ema.decay, " with warmup" if config.ema.warmup else "",
+            chosen_weights(config),
+        )  # fmt: skip
     logging.info(
         "Learning rate: peak %.4g (optimizer.learning_rate %.4g per %d images x batch %d), %s "
         "schedule, %g warmup epochs.",

@@ -155,6 +155,12 @@ def chosen_checkpoint(
     return checkpoints.latest_step(), "latest (no validation split to pick the best)"
 
 
+def chosen_weights(config: ml_collections.ConfigDict) -> str:
+    """Which weights a run reports: "ema" (its moving average) when it keeps one and ema.weights
+    says so, else "raw" (the trained weights)."""
+    return "ema" if config.ema.decay and config.ema.weights == "ema" else "raw"
+
+
 def restore(checkpoints: checkpoint.Checkpoints, step: int, target: Any) -> ts.TrainState:
     """The checkpoint at `step` (or the newest earlier one if it is damaged), or a ConfigError if
     its arrays do not fit this config's state."""
@@ -168,5 +174,6 @@ def restore(checkpoints: checkpoint.Checkpoints, step: int, target: Any) -> ts.T
             f"The checkpoint at step {step} in {checkpoints.directory} does not fit the state "
             f"this config builds ({reason}). Settings that shape the optimizer state "
             "(optimizer.name, optimizer.momentum 0 or not, weight_decay 0 or not, grad_clip_norm, "
-            "model.freeze) must match the run's config.json; or use a new --workdir."
+            "model.freeze, ema.decay 0 or not) must match the run's config.json; or use a new "
+            "--workdir."
         ) from None

@@ -4,8 +4,9 @@ The tests start this script through `run_workers`, which sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (JAX reads it once, at import), and compare
 what it writes with a single-device run in the test process (`train_single`).
 
-  parallel_worker.py modes OUT
-      trains in jit and pmap mode over every device from one seed -> OUT/modes.npz
+  parallel_worker.py modes OUT [--ema_accumulation]
+      trains in jit and pmap mode over every device from one seed -> OUT/modes.npz (with
+      EMA_ACCUMULATION's EMA of the weights and gradient accumulation if asked)
   parallel_worker.py mixaug OUT
       trains with RandAugment and mixup/CutMix on uint8 images, in jit mode and in pmap mode with
       bfloat16 compute -> OUT/mixaug.npz
@@ -49,10 +50,13 @@ GLOBAL_BATCH = 16
 NUM_STEPS = 3
 EVAL_VALID = 11  # the eval batch's last GLOBAL_BATCH - EVAL_VALID examples are padding
 SEED = 0
+# An EMA with warmup, and 2 micro-batches of 8 per step: 2 examples per device on 4 devices.
+EMA_ACCUMULATION = {"ema_decay": 0.5, "ema_warmup": True, "grad_accumulation_steps": 2}
 
 
-def make_state(axis_name: str | None = None) -> train_state.TrainState:
-    """The tiny model every test trains, from one seed; host (single-device) arrays.
+def make_state(axis_name: str | None = None, **options) -> train_state.TrainState:
+    """The tiny model every test trains, from one seed; host (single-device) arrays. `options`
+    go to `train_state.create` (e.g. EMA_ACCUMULATION).
 
     The variables are drawn with numpy (He-normal kernels, unit BN scales) rather than by
     `model.init`, whose XLA compile alone takes seconds on a loaded CPU; `create` takes them as
@@ -76,7 +80,7 @@ def make_state(axis_name: str | None = None) -> train_state.TrainState:
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
     tx = optax.sgd(0.1, momentum=0.9)
     return train_state.create(
-        model, tx, jax.random.key(SEED), (1, *IMAGE_SHAPE), variables=variables
+        model, tx, jax.random.key(SEED), (1, *IMAGE_SHAPE), variables=variables, **options
     )
 
 
@@ -179,6 +183,9 @@ def flatten(prefix: str, tree) -> dict[str, np.ndarray]:
 def summarize(name: str, state, history, evals) -> dict[str, np.ndarray]:
     out = flatten(f"{name}/params", state.params)
     out |= flatten(f"{name}/batch_stats", state.batch_stats)
+    if isinstance(state, train_state.EmaTrainState):
+        out |= flatten(f"{name}/ema_params", state.ema_params)
+        out |= flatten(f"{name}/ema_batch_stats", state.ema_batch_stats)
     for key in ("loss", "accuracy"):
         out[f"{name}/train_{key}"] = np.asarray([m[key] for m in history])
     for key in ("loss_sum", "correct", "count", "confusion"):
@@ -198,10 +205,11 @@ def restore(path: Path, p: parallel.Parallel, like):
     return ocp.StandardCheckpointer().restore(path.resolve(), p.restore_target(like))
 
 
-def run_modes(out: Path) -> None:
+def run_modes(out: Path, ema_accumulation: bool) -> None:
+    make = functools.partial(make_state, **(EMA_ACCUMULATION if ema_accumulation else {}))
     results: dict[str, np.ndarray] = {"num_devices": np.asarray(jax.device_count())}
     for mode in parallel.MODES:
-        results |= summarize(mode, *train_parallel(parallel.Parallel(mode)))
+        results |= summarize(mode, *train_parallel(parallel.Parallel(mode), make))
     np.savez(out / "modes.npz", **results)
 
 
@@ -303,9 +311,10 @@ def main() -> None:
     parser.add_argument("--coordinator_address")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
+    parser.add_argument("--ema_accumulation", action="store_true")
     args = parser.parse_args()
     if args.job == "modes":
-        run_modes(args.out)
+        run_modes(args.out, args.ema_accumulation)
     elif args.job == "mixaug":
         run_mixaug(args.out)
     elif args.job == "checkpoint":

@@ -1,4 +1,5 @@
-"""Schedules against their formulas, optimizers against torch.optim, decay masks, freezing."""
+"""Schedules against their formulas, optimizers against torch.optim (LARS and LAMB against their
+definitions), decay masks, freezing."""
 
 import math
 
@@ -295,6 +296,93 @@ def test_gradient_clipping_scales_by_the_global_norm():
         chex.assert_trees_all_close(updates, expected, rtol=1e-6)
 
 
+# LARS and LAMB (torch has neither): a few steps against their definitions written out in numpy, on
+# a dense layer whose bias the default mask leaves undecayed and unadapted.
+LAYER = {"dense": INIT}
+
+
+def _layer_loss(params):
+    return _loss(params["dense"])
+
+
+def _norm(x):
+    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
+
+
+def lars_by_hand(params, steps, lr, wd, momentum, trust_coefficient, eps, nesterov=False):
+    """You et al.'s LARS as optax.lars defines it: the kernel's step is lr * trust_coefficient *
+    |w| / (|g + wd w| + eps) * (g + wd w); the bias (masked) takes a plain lr * g step; then
+    momentum (torch-style trace) over the scaled steps."""
+    params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    trace = {k: np.zeros_like(v) for k, v in params.items()}
+    trajectory = []
+    for _ in range(steps):
+        grads = jax.grad(_loss)(jax.tree.map(np.float32, params))
+        for key in params:
+            g = np.asarray(grads[key], np.float64)
+            if key == "kernel":
+                g = g + wd * params[key]
+                g = g * trust_coefficient * _norm(params[key]) / (_norm(g) + eps)
+            trace[key] = lr * g + momentum * trace[key]
+            step = lr * g + momentum * trace[key] if nesterov else trace[key]
+            params[key] = params[key] - step
+        trajectory.append(dict(params))
+    return trajectory
+
+
+def lamb_by_hand(params, steps, lr, wd, b1, b2, eps):
+    """LAMB (You et al. 2020): the Adam direction, plus wd * w, scaled by |w| / |that| for the
+    kernel; the bias (masked) takes the plain Adam direction."""
+    params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(v) for k, v in params.items()}
+    trajectory = []
+    for t in range(1, steps + 1):
+        grads = jax.grad(_loss)(jax.tree.map(np.float32, params))
+        for key in params:
+            g = np.asarray(grads[key], np.float64)
+            m[key] = b1 * m[key] + (1 - b1) * g
+            v[key] = b2 * v[key] + (1 - b2) * g**2
+            direction = (m[key] / (1 - b1**t)) / (np.sqrt(v[key] / (1 - b2**t)) + eps)
+            if key == "kernel":
+                direction = direction + wd * params[key]
+                direction = direction * _norm(params[key]) / _norm(direction)
+            params[key] = params[key] - lr * direction
+        trajectory.append(dict(params))
+    return trajectory
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_is_its_definition_with_bn_and_biases_masked(nesterov):
+    tx = optim.make_optimizer(
+        "lars", 2.0, weight_decay=WD, momentum=0.9, nesterov=nesterov, trust_coefficient=0.01,
+        eps=1e-8,
+    )  # fmt: skip
+    ours = [p["dense"] for p in run_optax(tx, LAYER, 3, loss=_layer_loss)]
+    reference = lars_by_hand(INIT, 3, 2.0, WD, 0.9, 0.01, 1e-8, nesterov=nesterov)
+    chex.assert_trees_all_close(ours, jax.tree.map(np.float32, reference), rtol=1e-5, atol=1e-6)
+    # The trust ratio matters: a plain SGD step of the same rate moves the kernel 50x further.
+    assert not np.allclose(ours[0]["kernel"], INIT["kernel"], rtol=0, atol=1e-6)
+    sgd = run_optax(optim.make_optimizer("sgd", 2.0, weight_decay=WD), LAYER, 1, loss=_layer_loss)
+    lars_move = _norm(ours[0]["kernel"] - INIT["kernel"])
+    assert _norm(sgd[0]["dense"]["kernel"] - INIT["kernel"]) > 10 * lars_move
+
+
+def test_lamb_is_its_definition_with_bn_and_biases_masked():
+    tx = optim.make_optimizer("lamb", 0.05, weight_decay=0.1, b1=0.8, b2=0.99, eps=1e-6)
+    ours = [p["dense"] for p in run_optax(tx, LAYER, 3, loss=_layer_loss)]
+    reference = lamb_by_hand(INIT, 3, 0.05, 0.1, 0.8, 0.99, 1e-6)
+    chex.assert_trees_all_close(ours, jax.tree.map(np.float32, reference), rtol=1e-5, atol=1e-6)
+    # Unmasked, it is optax.lamb itself, which adapts (and decays) every parameter.
+    everything = optim.make_optimizer(
+        "lamb", 0.05, weight_decay=0.1, b1=0.8, b2=0.99, eps=1e-6, decay_all_params=True
+    )
+    library = optax.lamb(0.05, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1)
+    chex.assert_trees_all_close(
+        run_optax(everything, INIT, 3), run_optax(library, INIT, 3), rtol=1e-6
+    )
+
+
 NETWORK_PARAMS = {
     "conv1": {"kernel": np.full((3, 3, 1, 2), 2.0, np.float32)},
     "bn1": {"scale": np.ones(2, np.float32), "bias": np.ones(2, np.float32)},
@@ -340,7 +428,7 @@ def test_weight_decay_mask(name, decay_all_params):
 
 def test_optimizer_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="valid choices") as info:
-        optim.make_optimizer("lamb", 0.1)
+        optim.make_optimizer("adagrad", 0.1)
     for name in optim.OPTIMIZER_NAMES:
         assert name in str(info.value)
     with pytest.raises(ValueError, match="momentum") as info:

@@ -10,6 +10,8 @@ relative; eval counts, correct counts and confusion matrices exactly.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -58,14 +60,20 @@ def test_one_device_local_batch():
     assert parallel.Parallel("pmap", jax.devices()[:1]).axis_name == parallel.PMAP_AXIS
 
 
-def test_jit_pmap_and_one_device_train_alike(tmp_path):
-    ref = pw.summarize("single", *pw.train_single())
-    pw.run_workers([["modes", str(tmp_path)]], num_devices=4, log_dir=tmp_path)
+@pytest.mark.parametrize("ema_accumulation", [False, True])
+def test_jit_pmap_and_one_device_train_alike(tmp_path, ema_accumulation):
+    # With EMA_ACCUMULATION the EMA of the weights and accumulation over micro-batches spread
+    # over every device (BatchNorm on each micro-batch's 8 examples) agree as well.
+    make = functools.partial(pw.make_state, **(pw.EMA_ACCUMULATION if ema_accumulation else {}))
+    ref = pw.summarize("single", *pw.train_single(make))
+    job = ["modes", str(tmp_path), *(["--ema_accumulation"] if ema_accumulation else [])]
+    pw.run_workers([job], num_devices=4, log_dir=tmp_path)
     out = dict(np.load(tmp_path / "modes.npz"))
     assert out["num_devices"] == 4
+    parts = ["params", "batch_stats", *(["ema_params", "ema_batch_stats"] * ema_accumulation)]
     for mode in parallel.MODES:
-        assert_trees_close(ref, "single/params", out, f"{mode}/params", ATOL)
-        assert_trees_close(ref, "single/batch_stats", out, f"{mode}/batch_stats", ATOL)
+        for part in parts:
+            assert_trees_close(ref, f"single/{part}", out, f"{mode}/{part}", ATOL)
         for key in ("train_loss", "train_accuracy", "eval_loss_sum"):
             np.testing.assert_allclose(out[f"{mode}/{key}"], ref[f"single/{key}"], rtol=1e-5)
         # Eval over a padded batch: the padding counts nowhere, in any mode.

@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 
-from resnet_jax import builders, checkpoint, cli, config_utils, models, optim, train
+from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
 from tests.conftest import REPO_ROOT, load_recipe
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
@@ -82,8 +82,8 @@ def test_every_registered_option_is_in_the_base_config_and_validated(section):
             assert option.limit[0] in str(info.value), (key, value)
     name_key = f"{section}.name"
     assert config_utils.CHOICES[name_key] == tuple(optim.SECTIONS[section][1])
-    with pytest.raises(config_utils.ConfigError, match=f"{name_key} = 'lamb' is not one of"):
-        config_utils.resolve({section: {"name": "lamb"}})
+    with pytest.raises(config_utils.ConfigError, match=f"{name_key} = 'adagrad' is not one of"):
+        config_utils.resolve({section: {"name": "adagrad"}})
 
 
 def _registered(section: str) -> list[optim.Option]:
@@ -469,6 +469,45 @@ def test_a_bfloat16_run_with_trivialaugment_mixup_and_cutmix_trains_and_reports(
     assert train_losses and np.all(np.isfinite(train_losses))
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["test_accuracy"] <= 1 and results["num_test_examples"] == 20
+
+
+def test_an_ema_and_accumulation_run_reports_both_weights_and_picks_by_the_ema(
+    train_cli, tiny_overrides, tmp_path, caplog
+):
+    code, stderr = train_cli(
+        *tiny_overrides, f"--workdir={tmp_path}", "--config.ema.decay=0.5",
+        "--config.ema.warmup=True", "--config.optimizer.grad_accumulation_steps=2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert (
+        "Gradient accumulation: 18 optimizer updates of 10 images, each the mean gradient of 2 "
+        "micro-batches of 5 (5 per device)"
+    ) in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["record"] == "epoch"]
+    assert [r["step"] for r in epochs] == [9, 18]  # steps are optimizer updates
+    for record in epochs:
+        assert record["ema_val_loss"] != record["val_loss"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["weights"] == "ema"
+    assert results["test_accuracy"] == results["ema_test_accuracy"]
+    assert results["test_loss"] == results["ema_test_loss"] != results["raw_test_loss"]
+    best = max(epochs, key=lambda r: (r["ema_val_accuracy"], r["step"]))
+    assert results["checkpoint_step"] == best["step"]
+    # evaluate tests the same weights of the same checkpoint; predict uses them too.
+    evaluated = evaluate.evaluate_checkpoint(workdir=str(tmp_path))
+    assert evaluated["weights"] == "ema"
+    assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+    checkpoints = checkpoint.Checkpoints(tmp_path / "checkpoints", read_only=True)
+    try:
+        step = results["checkpoint_step"]
+        config = config_utils.resolve(checkpoints.meta(step)["config"])
+        variables, weights = evaluate.chosen_variables(checkpoints, step, config)
+        raw = checkpoints.restore_variables(step)
+    finally:
+        checkpoints.close()
+    assert weights == "ema"
+    assert not np.allclose(variables["params"]["fc"]["kernel"], raw["params"]["fc"]["kernel"])
 
 
 @pytest.mark.parametrize(
