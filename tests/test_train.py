@@ -477,6 +477,7 @@ def test_an_ema_and_accumulation_run_reports_both_weights_and_picks_by_the_ema(
     code, stderr = train_cli(
         *tiny_overrides, f"--workdir={tmp_path}", "--config.ema.decay=0.5",
         "--config.ema.warmup=True", "--config.optimizer.grad_accumulation_steps=2",
+        "--verbosity=0",  # the plan is logged at INFO, which an earlier run's flags may hide
     )  # fmt: skip
     assert code == 0, stderr
     assert (
