@@ -28,6 +28,7 @@ from experiments import (
     lr_schedules,
     optimizers,
     pretrained_vs_scratch,
+    regularization,
     sweep,
     transfer_frozen,
 )
@@ -42,6 +43,7 @@ STUDIES = (
     transfer_frozen,
     augmentation,
     hyperparams,
+    regularization,
 )
 FIGURES = ("curves.png", "test_accuracy.png")
 
@@ -209,6 +211,24 @@ def test_augmentation_quick_run(tmp_path, fake_cifar, compilation_cache):
     assert [row["augment.flip"] for row in rows] == ["False", "True"]
     assert [row["augment.crop_padding"] for row in rows] == ["0", "0"]
     assert [row["augment.crop_size"] for row in rows] == ["0", "0"]
+
+
+def test_regularization_arms_add_r18_strong_one_piece_at_a_time(
+    tmp_path, fake_cifar, compilation_cache
+):
+    strong = config_utils.flatten(sweep.load_config(regularization.STRONG))
+    arms = {arm.name: arm.overrides for arm in regularization.arms()}
+    assert list(arms) == ["baseline", "label_smoothing", "policy", "mixing", "ema", "all"]
+    assert arms["baseline"] == {}
+    added = {key for name in ("label_smoothing", "policy", "mixing", "ema") for key in arms[name]}
+    assert added == set(arms["all"]) and all(strong[k] == v for k, v in arms["all"].items())
+    assert arms["label_smoothing"] == {"label_smoothing": strong["label_smoothing"]} != {}
+    regularization.main(quick_args(tmp_path, fake_cifar, compilation_cache, "--arms=baseline,all"))
+    rows = check_outputs(tmp_path, ["baseline", "all"])
+    assert [row["augment.policy"] for row in rows] == ["none", "trivialaugment"]
+    assert [float(row["label_smoothing"]) for row in rows] == [0.0, strong["label_smoothing"]]
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert results["weights"] == "ema" and "raw_test_accuracy" in results
 
 
 def test_hyperparams_quick_grid_reports_iterations_per_epoch(
