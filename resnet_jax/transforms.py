@@ -1,0 +1,117 @@
+"""Host-side image transforms for the streaming pipeline, exact to torchvision's definitions.
+
+They run in the input pipeline's worker processes on PIL images and return uint8 HWC arrays:
+`decode_image` is torchvision's `default_loader`, `random_resized_crop` is `RandomResizedCrop`
+(the box drawn by `random_resized_crop_box` from a numpy Generator instead of torch's global RNG),
+`resize_center_crop` is `Compose([Resize(256), CenterCrop(224)])` and `horizontal_flip` is
+`RandomHorizontalFlip`. tests/test_transforms.py checks each against torchvision pixel for pixel.
+Normalization is not here: it runs on the device, shared with memory mode.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class BadImage(ValueError):
+    """A file that is not a readable image; the streaming pipeline skips it with a warning."""
+
+
+def decode_image(data: bytes | Path, name: str = "") -> Image.Image:
+    """Decodes encoded image bytes (or reads a file) into an RGB PIL image, like torchvision.
+
+    `convert("RGB")` decodes every pixel, so a truncated file fails here, not later in a crop.
+    Raises BadImage naming `name` (or the path) when the data is not a complete image.
+    """
+    name = name or (str(data) if isinstance(data, Path) else "<bytes>")
+    try:
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    # OSError: unknown format, truncated data, unreadable file; the others: corrupt headers.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadImage(f"Skipped {name}: it is not a readable image ({error}).") from error
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """The (top, left, h, w) crop box of torchvision's `RandomResizedCrop.get_params`.
+
+    Up to 10 draws of an area fraction in `scale` and a log-uniform aspect ratio in `ratio`; the
+    first box that fits is placed uniformly. Otherwise the centre crop of the whole image, clamped
+    to the ratio bounds.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = round(math.sqrt(target_area * aspect_ratio))
+        h = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        h = height
+        w = round(h * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    image: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """torchvision's `RandomResizedCrop(size)` on a PIL image: a (size, size, 3) uint8 array.
+
+    The box crop and the bilinear PIL resize of `F.resized_crop` (PIL always antialiases).
+    """
+    top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale, ratio)
+    crop = image.crop((left, top, left + w, top + h))
+    return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def resize_center_crop(image: Image.Image, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """torchvision's `Compose([Resize(resize), CenterCrop(crop)])` on a PIL image, as uint8.
+
+    The shorter side goes to `resize` and the longer to int(resize * long / short); the crop's
+    offsets round half to even, as torchvision's `round`, after zero padding to at least `crop`.
+    """
+    short, long = sorted((image.width, image.height))
+    new_long = int(resize * long / short)
+    new_size = (resize, new_long) if image.width <= image.height else (new_long, resize)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(image)
+    pad_h, pad_w = max(crop - pixels.shape[0], 0), max(crop - pixels.shape[1], 0)
+    if pad_h or pad_w:  # CenterCrop's padding: the odd pixel goes to the bottom / right
+        pixels = np.pad(
+            pixels, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+        )
+    top = round((pixels.shape[0] - crop) / 2.0)
+    left = round((pixels.shape[1] - crop) / 2.0)
+    return pixels[top : top + crop, left : left + crop]
+
+
+def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    """torchvision's `RandomHorizontalFlip(p)` on an HWC array: mirrored with probability `p`."""
+    return image[:, ::-1] if rng.random() < p else image

@@ -1,0 +1,225 @@
+"""The host transforms against torchvision's own on the same PIL images (torchvision only here)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+from PIL import Image
+from torchvision.datasets.folder import default_loader
+
+from resnet_jax import transforms
+
+# (height, width): odd portrait and landscape, smaller than the crop, a long side that rounds
+# down, an offset that rounds half to even (257 - 224 = 33), already at the resize size.
+SIZES = [(333, 251), (251, 333), (100, 150), (150, 97), (257, 256), (256, 257), (256, 256)]
+
+
+def _photo(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A smooth gradient plus noise: resampling errors show on the edges and in the flat."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (height + width)], -1)
+    noise = rng.normal(0, 20, size=(height, width, 3))
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA"])
+def test_decode_equals_torchvision_default_loader(tmp_path, mode):
+    image = _photo(37, 53).convert(mode)
+    path = tmp_path / "image.png"
+    image.save(path)
+    expected = np.asarray(default_loader(str(path)))
+    from_bytes = transforms.decode_image(path.read_bytes(), name="image.png")
+    from_path = transforms.decode_image(path)
+    assert from_bytes.mode == from_path.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(from_bytes), expected)
+    np.testing.assert_array_equal(np.asarray(from_path), expected)
+
+
+def test_decode_jpeg_equals_torchvision_default_loader(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_encoded(_photo(120, 90)))
+    np.testing.assert_array_equal(
+        np.asarray(transforms.decode_image(path)), np.asarray(default_loader(str(path)))
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_encoded(_photo(200, 300))[:3000], id="truncated-jpeg"),
+        pytest.param(_encoded(_photo(200, 300), "PNG")[:2000], id="truncated-png"),
+        pytest.param(b"class,label\ncat,0\n", id="text"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_bad_image_names_the_file(data):
+    with pytest.raises(
+        transforms.BadImage, match=r"Skipped train/cat/x\.jpg: it is not a readable"
+    ):
+        transforms.decode_image(data, name="train/cat/x.jpg")
+
+
+def test_bad_image_names_the_path(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("not an image")
+    with pytest.raises(transforms.BadImage, match=r"notes\.jpg"):
+        transforms.decode_image(path)
+    with pytest.raises(transforms.BadImage, match=r"missing\.jpg"):
+        transforms.decode_image(tmp_path / "missing.jpg")
+
+
+# ---------------------------------------------------------------- random resized crop
+
+
+def test_random_resized_crop_equals_torchvision_resized_crop():
+    seeds = np.random.default_rng(0)
+    for height, width in SIZES:
+        image = _photo(height, width)
+        for size in (224, 32):
+            seed = int(seeds.integers(1 << 30))
+            top, left, h, w = transforms.random_resized_crop_box(
+                height, width, np.random.default_rng(seed)
+            )
+            crop = transforms.random_resized_crop(image, np.random.default_rng(seed), size)
+            expected = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+            assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
+            np.testing.assert_array_equal(crop, np.asarray(expected))
+
+
+def _boxes(height, width, count, seed=0, **bounds):
+    rng = np.random.default_rng(seed)
+    return np.array(
+        [transforms.random_resized_crop_box(height, width, rng, **bounds) for _ in range(count)]
+    )
+
+
+def _assert_inside(boxes, height, width):
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (h > 0).all() and (w > 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+
+
+@pytest.mark.parametrize(("height", "width"), [(375, 500), (500, 375), (224, 224), (7, 9)])
+def test_boxes_lie_inside_the_image_within_the_bounds(height, width):
+    boxes = _boxes(height, width, 2000)
+    _assert_inside(boxes, height, width)
+    h, w = boxes[:, 2], boxes[:, 3]
+    # A drawn box rounds w and h to integers: allow the rounding's slack in area and ratio.
+    area = h * w / (height * width)
+    slack_area = ((h + 1) * (w + 1) - h * w) / (height * width)
+    assert (area <= 1.0).all() and (area + slack_area >= 0.08).all()
+    ratio = w / h
+    assert ((w + 1) / h >= 3 / 4).all() and (w / (h + 1) <= 4 / 3 + 1e-9).all()
+    assert ratio.min() < 0.85 and ratio.max() > 1.2  # the whole ratio range is drawn
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "bounds"),
+    [
+        (10, 1000, {}),  # too wide for any drawn box: the centre crop clamped to 4/3
+        (1000, 10, {}),  # too tall: clamped to 3/4
+        (101, 3001, {}),
+        (300, 200, {"scale": (1.5, 2.0)}),  # no box fits, ratio within bounds: the whole image
+    ],
+)
+def test_fallback_equals_torchvision(height, width, bounds):
+    image = Image.new("RGB", (width, height))
+    expected = T.RandomResizedCrop.get_params(
+        image, list(bounds.get("scale", (0.08, 1.0))), [3 / 4, 4 / 3]
+    )
+    boxes = _boxes(height, width, 20, **bounds)
+    _assert_inside(boxes, height, width)
+    assert (boxes == np.array(expected)).all(), (boxes[0], expected)
+
+
+def test_area_and_ratio_distribution_match_torchvision():
+    height, width, draws = 375, 500, 4000
+    ours = _boxes(height, width, draws)
+    torch.manual_seed(0)
+    image = Image.new("RGB", (width, height))
+    theirs = np.array(
+        [T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)]
+    )
+    area_ours = ours[:, 2] * ours[:, 3] / (height * width)
+    area_theirs = theirs[:, 2] * theirs[:, 3] / (height * width)
+    # The area fraction is near uniform on [0.08, 1] (std 0.27): 4000 draws put the mean within
+    # 0.01 and each quartile within 0.03 of the other sampler's, at several standard errors.
+    assert abs(area_ours.mean() - area_theirs.mean()) < 0.02
+    quartiles = [0.25, 0.5, 0.75]
+    np.testing.assert_allclose(
+        np.quantile(area_ours, quartiles), np.quantile(area_theirs, quartiles), atol=0.03
+    )
+    log_ratio_ours = np.log(ours[:, 3] / ours[:, 2])
+    log_ratio_theirs = np.log(theirs[:, 3] / theirs[:, 2])
+    assert abs(log_ratio_ours.mean() - log_ratio_theirs.mean()) < 0.01
+    assert abs(ours[:, 0].mean() - theirs[:, 0].mean()) < 0.05 * height  # placement
+
+
+# ---------------------------------------------------------------- resize + centre crop
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_resize_center_crop_equals_torchvision(height, width):
+    image = _photo(height, width)
+    expected = T.Compose([T.Resize(256), T.CenterCrop(224)])(image)
+    crop = transforms.resize_center_crop(image)
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+    np.testing.assert_array_equal(crop, np.asarray(expected))
+
+
+@pytest.mark.parametrize(("height", "width"), [(150, 97), (300, 201), (64, 64)])
+def test_center_crop_pads_like_torchvision(height, width):
+    """A crop larger than the resized image: torchvision's zero padding, odd pixel at the end."""
+    image = _photo(height, width)
+    for resize, crop in [(201, 224), (100, 131), (64, 67)]:
+        expected = T.Compose([T.Resize(resize), T.CenterCrop(crop)])(image)
+        np.testing.assert_array_equal(
+            transforms.resize_center_crop(image, resize, crop), np.asarray(expected)
+        )
+
+
+# ---------------------------------------------------------------- flip
+
+
+def test_horizontal_flip_mirrors_with_probability_p():
+    image = np.asarray(_photo(8, 9))
+    rng = np.random.default_rng(0)
+    flips = [transforms.horizontal_flip(image, rng) for _ in range(200)]
+    mirrored = [np.array_equal(f, image[:, ::-1]) for f in flips]
+    assert all(m or np.array_equal(f, image) for m, f in zip(mirrored, flips, strict=True))
+    assert 70 < sum(mirrored) < 130
+    assert not any(
+        np.array_equal(transforms.horizontal_flip(image, rng, p=0.0), image[:, ::-1])
+        for _ in range(20)
+    )
+
+
+def test_fallback_rate_matches_torchvision():
+    """On a 1:4 image about one draw in five fits: the 10 attempts show in the fallback rate."""
+    height, width, draws = 100, 400, 2000
+    image = Image.new("RGB", (width, height))
+    fallback = np.array([(height - 100) // 2, (width - 133) // 2, 100, 133])
+    torch.manual_seed(0)
+    theirs = np.array(
+        [T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)]
+    )
+    ours = _boxes(height, width, draws)
+    rate_theirs = (theirs == fallback).all(axis=1).mean()
+    rate_ours = (ours == fallback).all(axis=1).mean()
+    assert 0.05 < rate_theirs < 0.2
+    assert abs(rate_ours - rate_theirs) < 0.04
