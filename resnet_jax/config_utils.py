@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from resnet_jax import augment, base_config, models, optim, parallel
+from resnet_jax import augment, base_config, data, models, optim, parallel
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.stem": models.STEMS,
     "model.shortcut": ("", *models.SHORTCUTS),
     "model.kernels": models.KERNELS,
+    "dataset.pipeline": data.PIPELINES,
     "augment.normalization": NORMALIZATIONS,
     "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
     "optimizer.name": optim.OPTIMIZER_NAMES,
@@ -42,6 +43,8 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model.width": (">= 0 (0 = the family's own)", lambda v: v >= 0),
     "dataset.image_size": (">= 0 (0 = as stored)", lambda v: v >= 0),
     "dataset.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "dataset.memory_budget_gb": ("> 0", lambda v: v > 0),
+    "dataset.stream_workers": (">= 0 (0 = decode in the main process)", lambda v: v >= 0),
     "augment.crop_padding": (">= 0", lambda v: v >= 0),
     "augment.crop_size": (">= 0 (0 = the image size)", lambda v: v >= 0),
     "augment.rotation": ("in [0, 180] degrees", lambda v: 0 <= v <= 180),

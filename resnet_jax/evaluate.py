@@ -98,18 +98,20 @@ def evaluate_checkpoint(
     try:
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
-        dataset = builders.load_dataset(config)
         variables = checkpoints.restore_variables(step)
     finally:
         checkpoints.close()
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
-    state = par.place_state(eval_state(config, variables, dataset.num_classes, dataset.image_shape))
+    batches = builders.load_batches(config, eval_batch_size=batch_size)
+    num_classes = len(batches.class_names)
+    state = par.place_state(eval_state(config, variables, num_classes, batches.image_shape))
     logging.info("Testing %s's checkpoint at step %d (%s).", config.model.name, step, why)
-    evaluation = loop.evaluate_split(par.compile_eval_step(), state, dataset.test, par, batch_size)
+    test_batches = batches.eval_batches("test")
+    evaluation = loop.evaluate_split(par.compile_eval_step(), state, test_batches, par)
     return {
-        **loop.summarize_test(evaluation, dataset.class_names),
+        **loop.summarize_test(evaluation, batches.class_names),
         "checkpoint_step": step,
         "checkpoint_epoch": meta["epoch"],
         "checkpoint_selection": why,
