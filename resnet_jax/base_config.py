@@ -59,6 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
     # picks the best checkpoint; 0 = none (a dataset's own validation split is used if it has one).
     dataset.val_fraction = 0.1
     dataset.verify_checksums = True  # check a manually downloaded archive against tfds' sha256
+    # How images reach the steps: "memory" (every split decoded into host memory once, before the
+    # first step), "stream" (read, decoded and cropped to image_size while training, by grain
+    # worker processes: for datasets larger than memory) or "auto" (memory when the decoded train
+    # split fits memory_budget_gb, else stream; the log says which and why).
+    dataset.pipeline = "auto"
+    dataset.memory_budget_gb = 8.0  # "auto": the most host memory the decoded train split may take
+    dataset.stream_workers = 4  # stream mode: decoding processes per host (0 = in the main one)
 
     config.augment = augment = ml_collections.ConfigDict()
     augment.crop_padding = 4  # zero-pad by this many pixels, then crop randomly (0 = no crop)

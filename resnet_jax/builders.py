@@ -51,6 +51,21 @@ def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
     )
 
 
+def load_batches(
+    config: ml_collections.ConfigDict, eval_batch_size: int | None = None
+) -> data.Batches:
+    """The config's dataset as batches: in host memory, or streamed (dataset.pipeline; "auto"
+    decides by the decoded train split's size). `eval_batch_size` overrides the config's."""
+    from resnet_jax import stream  # grain and the host transforms: only for this choice
+
+    pipeline, why = stream.choose_pipeline(config)
+    logging.info("Input pipeline: %s (%s).", pipeline, why)
+    eval_batch_size = eval_batch_size or config.eval_batch_size
+    if pipeline == "stream":
+        return stream.open_stream(config, eval_batch_size)
+    return data.MemoryBatches(load_dataset(config), config.batch_size, eval_batch_size, config.seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How long a run is, in the reports' terms: an epoch is train examples // batch size steps."""

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from resnet_jax import augment, autoaugment, base_config, models, optim, parallel
+from resnet_jax import augment, autoaugment, base_config, data, models, optim, parallel
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.stem": models.STEMS,
     "model.shortcut": ("", *models.SHORTCUTS),
     "model.kernels": models.KERNELS,
+    "dataset.pipeline": data.PIPELINES,
     "augment.normalization": NORMALIZATIONS,
     "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
     "augment.policy": autoaugment.POLICIES,
@@ -46,6 +47,8 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model.drop_path_rate": ("in [0, 1) (0 = off)", lambda v: 0 <= v < 1),
     "dataset.image_size": (">= 0 (0 = as stored)", lambda v: v >= 0),
     "dataset.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "dataset.memory_budget_gb": ("> 0", lambda v: v > 0),
+    "dataset.stream_workers": (">= 0 (0 = decode in the main process)", lambda v: v >= 0),
     "augment.crop_padding": (">= 0", lambda v: v >= 0),
     "augment.crop_size": (">= 0 (0 = the image size)", lambda v: v >= 0),
     "augment.rotation": ("in [0, 180] degrees", lambda v: 0 <= v <= 180),

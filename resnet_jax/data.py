@@ -19,14 +19,16 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import jax
 import numpy as np
 from PIL import Image
 
 from resnet_jax import files
 
 FOLDER_PREFIX = "folder:"
+PIPELINES = ("auto", "memory", "stream")  # config dataset.pipeline; stream mode is stream.py
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FOLDER_LAYOUT = (
     "path/train/<class>/*.png|jpg|jpeg and path/test/<class>/... (and optionally "
@@ -86,6 +88,55 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every image in every split."""
         return self.train.images.shape[1:]
+
+
+class Batches(Protocol):
+    """Where a run's batches come from, whichever the pipeline: `MemoryBatches` (every split in
+    host memory) or `stream.StreamBatches` (read and decoded while training). The loop, the
+    compiled steps and evaluation only see this."""
+
+    class_names: list[str]
+    image_shape: tuple[int, int, int]  # (H, W, C) of every image delivered
+    split_sizes: dict[str, int]  # examples of "train", "test" and, if there is one, "val"
+    skipped_files: dict[str, str]  # unreadable file -> why, skipped so far (stream mode)
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This process's share of each batch of `epoch` from `start_step` on (`train_batches`)."""
+        ...
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """This process's share of each padded, masked batch of a split (`eval_batches`)."""
+        ...
+
+
+class MemoryBatches:
+    """`Batches` over a `Dataset` in host memory: `train_batches` and `eval_batches` per process."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, eval_batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.eval_batch_size, self.seed = (
+            dataset, batch_size, eval_batch_size, seed,
+        )  # fmt: skip
+        self.class_names = dataset.class_names
+        self.image_shape = dataset.image_shape
+        self.split_sizes = {name: len(split) for name, split in self._splits().items()}
+        self.skipped_files: dict[str, str] = {}  # every image was read on load
+
+    def _splits(self) -> dict[str, Split]:
+        splits = {"train": self.dataset.train, "val": self.dataset.val, "test": self.dataset.test}
+        return {name: split for name, split in splits.items() if split is not None}
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        return train_batches(
+            self.dataset.train, self.batch_size, seed=self.seed, epoch=epoch,
+            start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )  # fmt: skip
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        return eval_batches(
+            self._splits()[split], self.eval_batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )  # fmt: skip
 
 
 def load(
@@ -182,14 +233,34 @@ def train_batches(
     them, to resume mid-epoch. Each process gets its contiguous slice of B = global_batch_size //
     process_count examples of every global batch.
     """
+    indices = train_batch_indices(
+        len(split), global_batch_size, seed=seed, epoch=epoch, start_step=start_step,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
+    return (_gather(split, batch_indices) for batch_indices in indices)
+
+
+def train_batch_indices(
+    num_examples: int,
+    global_batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
+    """The example indices of this process's batches from `start_step` to the end of `epoch`:
+    int (steps, global_batch_size // process_count), as `train_batches` (and stream mode) use
+    them."""
     local_size = _local_batch_size(global_batch_size, process_index, process_count)
-    num_steps = steps_per_epoch(len(split), global_batch_size)
+    num_steps = steps_per_epoch(num_examples, global_batch_size)
     if not 0 <= start_step <= num_steps:
         raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
-    order = np.random.default_rng([seed, epoch]).permutation(len(split))
-    first = start_step * global_batch_size + process_index * local_size
-    starts = range(first, num_steps * global_batch_size, global_batch_size)
-    return (_gather(split, order[start : start + local_size]) for start in starts)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    global_batches = order[: num_steps * global_batch_size].reshape(num_steps, global_batch_size)
+    mine = slice(process_index * local_size, (process_index + 1) * local_size)
+    return global_batches[start_step:, mine]
 
 
 def eval_batches(
@@ -201,21 +272,27 @@ def eval_batches(
     False on the padding. Every process yields the same number of batches, each its contiguous
     slice of B = global_batch_size // process_count examples of every global batch.
     """
+    indices, masks = eval_batch_indices(len(split), global_batch_size, process_index, process_count)
+    return (
+        {**_gather(split, batch_indices), "mask": mask}
+        for batch_indices, mask in zip(indices, masks, strict=True)
+    )
+
+
+def eval_batch_indices(
+    num_examples: int, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """This process's evaluation batches as example indices and masks, both (batches, B), as
+    `eval_batches` (and stream mode) use them: padding repeats the last example, masked False."""
     local_size = _local_batch_size(global_batch_size, process_index, process_count)
-    num_batches = -(-len(split) // global_batch_size)
-    starts = range(process_index * local_size, num_batches * global_batch_size, global_batch_size)
-    return (_gather_padded(split, start, local_size) for start in starts)
+    num_batches = -(-num_examples // global_batch_size)
+    positions = np.arange(num_batches * global_batch_size).reshape(num_batches, global_batch_size)
+    positions = positions[:, process_index * local_size : (process_index + 1) * local_size]
+    return np.minimum(positions, num_examples - 1), positions < num_examples
 
 
 def _gather(split: Split, indices: np.ndarray) -> Batch:
     return {"image": split.images[indices], "label": split.labels[indices]}
-
-
-def _gather_padded(split: Split, start: int, size: int) -> Batch:
-    positions = start + np.arange(size)
-    batch = _gather(split, np.minimum(positions, len(split) - 1))
-    batch["mask"] = positions < len(split)
-    return batch
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -232,31 +309,57 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
 
 
 def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Splits off a stratified validation set; both parts keep train's order."""
+    is_val = validation_mask(train.labels, fraction, seed)
+    return train.take(~is_val), train.take(is_val)
+
+
+def validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which training examples form the validation split: a stratified, seeded carve (both parts
+    keep train's order). Stream mode gives a tfds split one label (it reads none): a plain carve."""
     rng = np.random.default_rng(seed)
-    is_val = np.zeros(len(train), dtype=bool)
-    for label in np.unique(train.labels):
-        members = np.flatnonzero(train.labels == label)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
         count = int(np.floor(fraction * len(members) + 0.5))  # round half up, unlike round()
         is_val[rng.choice(members, size=count, replace=False)] = True
     if not is_val.any():
         raise DataError(
-            f"val_fraction={fraction} of {len(train)} training examples rounds to an "
+            f"val_fraction={fraction} of {len(labels)} training examples rounds to an "
             "empty validation split: raise val_fraction, or set it to 0 for none."
         )
-    return train.take(~is_val), train.take(is_val)
+    return is_val
 
 
 # --- tfds ---------------------------------------------------------------------------------------
 
 
+# Datasets whose "test" split has no public labels: their validation split is the test split.
+TFDS_TEST_SPLIT = {"imagenet2012": "validation"}
+
+
 def _load_tfds(
     name: str, data_dir: str | None, image_size: int | None, verify_checksums: bool
 ) -> tuple[dict[str, Split], list[str]]:
+    builder = prepared_tfds_builder(name, data_dir, verify_checksums)
+    if image_size is None and None in builder.info.features["image"].shape:
+        raise DataError(
+            f"The images of {name} differ in size: pass image_size (config dataset.image_size) "
+            "to resize them all to one size."
+        )
+    splits = {
+        ours: _read_tfds_split(builder, theirs, image_size)
+        for ours, theirs in tfds_split_names(builder).items()
+    }
+    return splits, list(builder.info.features["label"].names)  # cifar10 reads them at preparation
+
+
+def tfds_builder(name: str, data_dir: str | None, **kwargs: Any) -> Any:
+    """The tfds builder of an image-classification dataset (not necessarily prepared); a
+    DataError for an unknown name or a dataset without "image" and "label" features."""
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir, **kwargs)
     except (ValueError, AssertionError) as error:
         reason = str(error).splitlines()[0]
         raise DataError(
@@ -272,32 +375,42 @@ def _load_tfds(
             f"{name} is not an image-classification dataset (it has no 'image' and 'label' "
             "features): choose one such as 'cifar10', 'cifar100' or 'svhn_cropped'."
         )
-    if image_size is None and None in features["image"].shape:
-        raise DataError(
-            f"The images of {name} differ in size: pass image_size (config dataset.image_size) "
-            "to resize them all to one size."
-        )
+    return builder
+
+
+def prepared_tfds_builder(
+    name: str, data_dir: str | None, verify_checksums: bool, **kwargs: Any
+) -> Any:
+    """The dataset's tfds builder, prepared in `data_dir` first if it is not yet (once, under a
+    lock); `kwargs` go to `tfds.builder` (stream mode asks for file_format="array_record")."""
+    builder = tfds_builder(name, data_dir, **kwargs)
     if not builder.is_prepared():
         _fail_if_offline(builder)
         with _preparation_lock(Path(builder.data_dir_root), builder.name):
             # Made anew: another run may have prepared the dataset while this one waited, and a
             # builder made before that would not know the prepared split names.
-            builder = tfds.builder(name, data_dir=data_dir)
+            builder = tfds_builder(name, data_dir, **kwargs)
             if not builder.is_prepared():
                 _download_and_prepare(builder, verify_checksums)
-    # Split names are known only once the dataset is prepared.
-    if "train" not in builder.info.splits or "test" not in builder.info.splits:
+    tfds_split_names(builder)  # split names are known only once the dataset is prepared
+    return builder
+
+
+def tfds_split_names(builder: Any) -> dict[str, str]:
+    """Our split names ("train", "test", optionally "val") -> the prepared dataset's."""
+    test = TFDS_TEST_SPLIT.get(builder.name, "test")
+    available = builder.info.splits
+    if "train" not in available or test not in available:
         raise DataError(
-            f"{name} has no train and test splits (it has {sorted(builder.info.splits)}): "
+            f"{builder.name} has no train and {test} splits (it has {sorted(available)}): "
             "choose a dataset that has both, or an image folder."
         )
-    split_names = {"train": "train", "val": "validation", "test": "test"}
-    splits = {
-        ours: _read_tfds_split(builder, theirs, image_size)
-        for ours, theirs in split_names.items()
-        if theirs in builder.info.splits
+    names = {"train": "train", "val": "validation", "test": test}
+    return {
+        ours: theirs
+        for ours, theirs in names.items()
+        if theirs in available and not (ours == "val" and theirs == test)
     }
-    return splits, list(builder.info.features["label"].names)  # cifar10 reads them at preparation
 
 
 @contextlib.contextmanager
@@ -334,6 +447,15 @@ def _needed_downloads(builder: Any) -> dict[str, str]:
 
 def _fail_if_offline(builder: Any) -> None:
     """A DataError at once, before anything is written, if a needed download cannot be reached."""
+    manual_dir = _manual_dir(builder)
+    instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if instructions and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
+        raise DataError(
+            f"The {builder.name} dataset is downloaded by hand and is not prepared yet: "
+            f"{' '.join(instructions.split())} Put the files in {manual_dir} (the "
+            "downloads/manual/ folder of config dataset.data_dir) and run again; tfds prepares "
+            "the dataset from them once."
+        )
     needed = _needed_downloads(builder)
     if needed and not _reachable(next(iter(needed))):
         reason = "no network, or the server did not answer"
@@ -459,16 +581,55 @@ def _tensorflow() -> Any:
 # --- image folders ------------------------------------------------------------------------------
 
 
-def _load_folder(root: Path, image_size: int | None) -> tuple[dict[str, Split], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+    """One split of an image folder, listed but not read: image paths and their int32 labels."""
+
+    paths: list[Path]
+    labels: np.ndarray
+
+
+def list_folder(root: Path) -> tuple[dict[str, FolderSplit], list[str]]:
+    """The splits ("train", "test", optionally "val") of an image folder and its class names
+    (train/'s subfolders, sorted), without reading an image.
+
+    Raises DataError for a layout other than FOLDER_LAYOUT, a split without images, an empty
+    train/ class folder or a class test/ lacks, each with its fix.
+    """
     class_names = _class_dir_names(root / "train")
     if not class_names or not (root / "test").is_dir():
         raise DataError(
             f"The image folder {root} needs train/ and test/ subfolders: {FOLDER_LAYOUT}."
         )
     splits = {
-        split: _read_folder_split(root / split, class_names, image_size)
+        split: _list_folder_split(root / split, class_names)
         for split in ("train", "val", "test")
         if (root / split).is_dir()
+    }
+    present = {name: set(splits[name].labels.tolist()) for name in ("train", "test")}
+    empty = [name for i, name in enumerate(class_names) if i not in present["train"]]
+    if empty:
+        raise DataError(
+            f"The class folder{'s' if len(empty) > 1 else ''} "
+            f"{', '.join(str(root / 'train' / name) for name in empty)} hold no "
+            ".png/.jpg/.jpeg images: a class without training images cannot be learned. Add "
+            "images to it, or remove the folder (from test/ and val/ too) to drop the class."
+        )
+    untested = [name for i, name in enumerate(class_names) if i not in present["test"]]
+    if untested:
+        raise DataError(
+            f"test/ in {root} has no images of the class{'es' if len(untested) > 1 else ''} "
+            f"{', '.join(untested)}, which train/ has: the test results would not measure "
+            "them. Add test images in a subfolder of the same name (test/<class>/), or remove "
+            "the class from train/."
+        )
+    return splits, class_names
+
+
+def _load_folder(root: Path, image_size: int | None) -> tuple[dict[str, Split], list[str]]:
+    listing, class_names = list_folder(root)
+    splits = {
+        name: _read_folder_split(root / name, split, image_size) for name, split in listing.items()
     }
     return splits, class_names
 
@@ -478,7 +639,7 @@ def _class_dir_names(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.glob("*/") if not d.name.startswith("."))
 
 
-def _read_folder_split(split_dir: Path, class_names: list[str], image_size: int | None) -> Split:
+def _list_folder_split(split_dir: Path, class_names: list[str]) -> FolderSplit:
     split_classes = _class_dir_names(split_dir)
     unknown = [name for name in split_classes if name not in class_names]
     if unknown:
@@ -498,14 +659,18 @@ def _read_folder_split(split_dir: Path, class_names: list[str], image_size: int 
             f"{split_dir} holds no .png/.jpg/.jpeg images in class subfolders. "
             f"Expected layout: {FOLDER_LAYOUT}."
         )
-    images = [_read_image(path, image_size) for path in paths]
+    return FolderSplit(paths, np.array(labels, dtype=np.int32))
+
+
+def _read_folder_split(split_dir: Path, listing: FolderSplit, image_size: int | None) -> Split:
+    images = [_read_image(path, image_size) for path in listing.paths]
     sizes = {image.shape for image in images}
     if len(sizes) > 1:
         raise DataError(
             f"The images in {split_dir} have different sizes ({sorted(sizes)[:3]} ...): "
             "pass image_size (config dataset.image_size) to resize them to one size."
         )
-    return Split(np.stack(images), np.array(labels, dtype=np.int32))
+    return Split(np.stack(images), listing.labels)
 
 
 def _read_image(path: Path, image_size: int | None) -> np.ndarray:

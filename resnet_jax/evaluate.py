@@ -142,14 +142,14 @@ def evaluate_checkpoint(
     try:
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
-        dataset = builders.load_dataset(config)
         variables, weights = chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
-    state = eval_state(config, variables, dataset.num_classes, dataset.image_shape)
+    batches = builders.load_batches(config, eval_batch_size=batch_size)
+    state = eval_state(config, variables, len(batches.class_names), batches.image_shape)
     if tta != "none":
         state = state.replace(apply_fn=TTA[tta](state.apply_fn))
     state = par.place_state(state)
@@ -157,9 +157,10 @@ def evaluate_checkpoint(
         "Testing %s's checkpoint at step %d (%s), %s weights%s.", config.model.name, step, why,
         weights, "" if tta == "none" else f", test-time augmentation {tta}",
     )  # fmt: skip
-    evaluation = loop.evaluate_split(par.compile_eval_step(), state, dataset.test, par, batch_size)
+    test_batches = batches.eval_batches("test")
+    evaluation = loop.evaluate_split(par.compile_eval_step(), state, test_batches, par)
     return {
-        **loop.summarize_test(evaluation, dataset.class_names),
+        **loop.summarize_test(evaluation, batches.class_names),
         "weights": weights,
         "checkpoint_step": step,
         "checkpoint_epoch": meta["epoch"],

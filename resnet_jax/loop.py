@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,11 @@ class LossNotFinite(Exception):
 class TrainMetrics:
     """Training metrics of the steps since the last log, left on the device until `flush`."""
 
-    def __init__(self, fetch: Any, reporter: Reporter, plan: Plan, bar: tqdm):
+    def __init__(
+        self, fetch: Any, reporter: Reporter, plan: Plan, bar: tqdm, skipped_files: dict[str, str]
+    ):
         self._fetch, self._reporter, self._plan, self._bar = fetch, reporter, plan, bar
+        self._skipped_files = skipped_files  # the input's, growing as it meets unreadable files
         self._pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
         self._clock = time.perf_counter()
@@ -147,6 +151,7 @@ class TrainMetrics:
             "train_accuracy": accuracy / len(rows),
             "learning_rate": float(rows[-1]["learning_rate"]),
             "images_per_second": images_per_second,
+            "skipped_files": len(self._skipped_files),
         }
         self._reporter.write(record)
         self._bar.set_postfix(
@@ -172,7 +177,7 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: Path
     par: parallel.Parallel
-    dataset: data.Dataset
+    batches: data.Batches
     plan: Plan
     schedule: optim.Schedule
     input_shape: tuple[int, ...]
@@ -184,23 +189,21 @@ class Run:
     @property
     def eval_split_name(self) -> str:
         """Where each epoch is evaluated: "val", or "test" when there is no validation split."""
-        return "val" if self.dataset.val is not None else "test"
-
-    @property
-    def eval_split(self) -> data.Split:
-        return self.dataset.val if self.dataset.val is not None else self.dataset.test
+        return "val" if "val" in self.batches.split_sizes else "test"
 
 
 def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
     """The epochs still to do: train, evaluate, checkpoint. Returns the final state."""
     plan = run.plan
     first_step = int(jax.device_get(run.par.host_state(state).step))
-    resumed_sums = run.checkpoints.meta(first_step)["epoch_train_sums"] if first_step else None
+    resumed = run.checkpoints.meta(first_step) if first_step else {}
+    resumed_sums = resumed.get("epoch_train_sums")
+    run.batches.skipped_files.update(resumed.get("skipped_files") or {})
     bar = tqdm(
         total=plan.total_steps, initial=first_step, unit="step", dynamic_ncols=True,
         mininterval=1.0, disable=not parallel.is_main_process(),
     )  # fmt: skip
-    train_metrics = TrainMetrics(run.par.fetch, run.reporter, plan, bar)
+    train_metrics = TrainMetrics(run.par.fetch, run.reporter, plan, bar, run.batches.skipped_files)
     trace = profiling.StepTrace.for_run(run.config, run.workdir)
     try:
         for epoch in range(first_step // plan.steps_per_epoch, plan.num_epochs):
@@ -245,14 +248,10 @@ def train_epoch(
     state, and the step count it stopped at if a signal asked it to (else None). The epoch's last
     step never stops: the epoch is evaluated first, so a checkpoint at an epoch's end always
     carries its validation accuracy."""
-    batches = data.train_batches(
-        run.dataset.train, run.config.batch_size, seed=run.config.seed, epoch=epoch,
-        start_step=steps.start - epoch * run.plan.steps_per_epoch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
-    for step, batch in zip(steps, batches, strict=False):
+    batches = run.batches.train_batches(epoch, steps.start - epoch * run.plan.steps_per_epoch)
+    for step, batch in zip(steps, on_devices(batches, run.par), strict=False):
         trace.before(step, state)
-        state, step_metrics = run.train_step(state, run.par.shard_batch(batch))
+        state, step_metrics = run.train_step(state, batch)
         trace.after(step, state)
         train_metrics.add(step, step_metrics)
         bar.update(1)
@@ -271,10 +270,10 @@ def end_epoch(
 ) -> None:
     """Evaluate (the EMA weights too, if any), record and log the epoch; checkpoint it when due
     (or stopping, or last)."""
-    evaluations = evaluate_weights(run, state, run.eval_split)
+    split = run.eval_split_name
+    evaluations = evaluate_weights(run, state, split)
     raw = evaluations["raw"]
     step = int(jax.device_get(run.par.host_state(state).step))
-    split = run.eval_split_name
     record = {
         "record": "epoch",
         "step": step,
@@ -284,6 +283,7 @@ def end_epoch(
         f"{split}_loss": raw["loss"],
         f"{split}_accuracy": raw["accuracy"],
         "learning_rate": float(run.schedule(step - 1)),
+        "skipped_files": len(run.batches.skipped_files),
     }
     if "ema" in evaluations:
         record[f"ema_{split}_loss"] = evaluations["ema"]["loss"]
@@ -334,9 +334,11 @@ def save(
         "step": step,
         "config": run.config.to_dict(),
         "num_train_examples": run.plan.num_train_examples,
-        "class_names": run.dataset.class_names,
-        "image_shape": list(run.dataset.image_shape),
+        "class_names": run.batches.class_names,
+        "image_shape": list(run.batches.image_shape),
         "epoch_train_sums": epoch_train_sums,
+        # With the step, all a resumed input needs: its order follows from (seed, epoch, step).
+        "skipped_files": dict(run.batches.skipped_files),
     }
     run.checkpoints.save(run.par.host_state(state), meta, val_accuracy)
 
@@ -346,16 +348,27 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def evaluate_split(
-    eval_step: Any, state: ts.TrainState, split: data.Split, par: parallel.Parallel, batch_size: int
-) -> dict[str, Any]:
-    """Exact loss, accuracy and confusion matrix over a split (sums stay on the device)."""
-    totals = None
-    batches = data.eval_batches(
-        split, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+def on_devices(batches: Iterable[data.Batch], par: parallel.Parallel) -> Iterator[dict[str, Any]]:
+    """`batches` placed with the run's batch sharding, one ahead: the next batch's copy to the
+    devices starts while the current step runs."""
+    ahead = None
     for batch in batches:
-        out = eval_step(state, par.shard_batch(batch))
+        placed = par.shard_batch(batch)
+        if ahead is not None:
+            yield ahead
+        ahead = placed
+    if ahead is not None:
+        yield ahead
+
+
+def evaluate_split(
+    eval_step: Any, state: ts.TrainState, batches: Iterable[data.Batch], par: parallel.Parallel
+) -> dict[str, Any]:
+    """Exact loss, accuracy and confusion matrix over a split's padded, masked `batches` (from
+    `Batches.eval_batches`; the sums stay on the device)."""
+    totals = None
+    for batch in on_devices(batches, par):
+        out = eval_step(state, batch)
         sums = {key: out[key] for key in ("loss_sum", "correct", "count", "confusion")}
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = par.fetch(totals)
@@ -368,12 +381,12 @@ def evaluate_split(
     }
 
 
-def evaluate_weights(run: Run, state: ts.TrainState, split: data.Split) -> dict[str, Any]:
-    """`evaluate_split` of the trained weights ("raw") and, for an EMA run, of their average
-    ("ema")."""
+def evaluate_weights(run: Run, state: ts.TrainState, split: str) -> dict[str, Any]:
+    """`evaluate_split` on `split` ("val" or "test") of the trained weights ("raw") and, for an
+    EMA run, of their average ("ema")."""
 
     def on(weights: ts.TrainState) -> dict[str, Any]:
-        return evaluate_split(run.eval_step, weights, split, run.par, run.config.eval_batch_size)
+        return evaluate_split(run.eval_step, weights, run.batches.eval_batches(split), run.par)
 
     evaluations = {"raw": on(state)}
     if isinstance(state, ts.EmaTrainState):
@@ -406,7 +419,7 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
     logging.info(
         "Testing the checkpoint at step %d (epoch %d, %s), %s weights.", step, epoch, why, weights
     )
-    evaluations = evaluate_weights(run, state, run.dataset.test)
+    evaluations = evaluate_weights(run, state, "test")
     both = {
         f"{name}_test_{key}": evaluation[key]
         for name, evaluation in evaluations.items()
@@ -414,7 +427,7 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
         if len(evaluations) > 1
     }
     return {
-        **summarize_test(evaluations[weights], run.dataset.class_names),
+        **summarize_test(evaluations[weights], run.batches.class_names),
         "weights": weights,
         **both,
         "checkpoint_step": step,
@@ -422,6 +435,7 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
         "checkpoint_selection": why,
         "model": run.config.model.name,
         "dataset": run.config.dataset.name,
+        "skipped_files": len(run.batches.skipped_files),
     }
 
 

@@ -91,12 +91,12 @@ def setup(
     parallel.check_micro_batch_size(
         config.batch_size, config.optimizer.grad_accumulation_steps, par.num_devices
     )
-    dataset = builders.load_dataset(config)
-    plan = builders.make_plan(config, len(dataset.train))
-    log_plan(config, dataset, plan, par)
+    batches = builders.load_batches(config)
+    plan = builders.make_plan(config, batches.split_sizes["train"])
+    log_plan(config, batches, plan, par)
 
-    model = builders.build_model(config, dataset.num_classes, par.axis_name)
-    preprocess, input_shape = builders.build_preprocess(config, dataset.image_shape)
+    model = builders.build_model(config, len(batches.class_names), par.axis_name)
+    preprocess, input_shape = builders.build_preprocess(config, batches.image_shape)
     schedule = builders.build_schedule(config, plan)
     tx = builders.build_optimizer(config, schedule, model.frozen_stages)
     new_state = functools.partial(
@@ -123,9 +123,9 @@ def setup(
     reporter = Reporter(workdir, enabled=parallel.is_main_process())
     reporter.write_config(config_utils.to_json(config))
     reporter.keep_history_until(resumed_step)  # later records are trained again
-    train_step, eval_step = builders.compile_steps(par, state, config, dataset.image_shape)
+    train_step, eval_step = builders.compile_steps(par, state, config, batches.image_shape)
     run = loop.Run(
-        config, workdir, par, dataset, plan, schedule, input_shape, checkpoints, reporter,
+        config, workdir, par, batches, plan, schedule, input_shape, checkpoints, reporter,
         train_step, eval_step,
     )  # fmt: skip
     return run, state
@@ -133,18 +133,19 @@ def setup(
 
 def log_plan(
     config: ml_collections.ConfigDict,
-    dataset: data.Dataset,
+    batches: data.Batches,
     plan: builders.Plan,
     par: parallel.Parallel,
 ) -> None:
     """State the run's data, length and learning rate in the terms the reports use."""
-    val = f"{len(dataset.val)} val / " if dataset.val is not None else ""
+    sizes = batches.split_sizes
+    val = f"{sizes['val']} val / " if "val" in sizes else ""
     logging.info(
         "Dataset %s: %d train / %s%d test examples, %d classes, images %s.",
-        config.dataset.name, len(dataset.train), val, len(dataset.test), dataset.num_classes,
-        "x".join(map(str, dataset.image_shape)),
+        config.dataset.name, sizes["train"], val, sizes["test"], len(batches.class_names),
+        "x".join(map(str, batches.image_shape)),
     )  # fmt: skip
-    if dataset.val is None and config.results_checkpoint == "best_val":
+    if "val" not in sizes and config.results_checkpoint == "best_val":
         logging.warning(
             "No validation split (dataset.val_fraction = 0): each epoch is evaluated on the test "
             "split, and the final results come from the last checkpoint, not the best."

@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 END_TO_END_MODULES = {
     "test_benchmark", "test_cli", "test_experiments", "test_faults", "test_imports",
     "test_multihost", "test_multihost_faults", "test_parallel", "test_reliability",
-    "test_tools_cli", "test_transfer", "test_wheel",
+    "test_stream_training", "test_tools_cli", "test_transfer", "test_wheel",
 }  # fmt: skip
 TRAINING_FIXTURES = {"trained_run", "tiny_overrides"}
 # Where tensorflow_datasets is not installed (the GPU machine's image), tests that prepare a dataset

@@ -1,0 +1,351 @@
+"""Stream mode: datasets larger than memory, read, decoded and cropped while training, on grain.
+
+`StreamBatches` serves the same batches as memory mode (`data.Batches`): {"image": uint8 (B, S, S,
+3), "label"} for training and padded, masked ones for evaluation, with S = dataset.image_size. The
+sources are an image folder (listed, never read ahead) or a tfds dataset through
+`tfds.data_source` (ArrayRecord files, no TensorFlow while reading). grain worker processes decode
+each image and crop it the torchvision way (`transforms`): RandomResizedCrop for training,
+Resize(S * 256 / 224) + CenterCrop(S) for evaluation. Flips, normalization and any other
+augmentation stay on the device, in the compiled step both modes share.
+
+Order and randomness come from (seed, epoch, example) alone: the epoch's permutation and each
+process's slice of every global batch are memory mode's (`data.train_batch_indices`), and each
+example's crop is drawn from its own generator. So the checkpoint's step is the whole iterator
+state: a resumed run reads exactly the batches it would have read, whatever the worker count.
+
+A file that cannot be decoded is skipped with one warning naming it: in training the next file of
+the listing takes its place (the batch keeps its size and the run its place), in evaluation it is
+masked out. `skipped_files` keeps them for metrics.jsonl, results.json and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from resnet_jax import data, transforms
+from resnet_jax.config_utils import ConfigError
+
+# torchvision's reference evaluates Resize(256) + CenterCrop(224): the same ratio at any size.
+EVAL_RESIZE_RATIO = 256 / 224
+# A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
+MAX_CONSECUTIVE_BAD_FILES = 16
+
+log = logging.getLogger(__name__)
+
+
+class InputWorkerDied(data.DataError):
+    """A grain worker process ended without finishing its work (killed, out of memory, ...)."""
+
+
+# --- Sources: (encoded image, label, name) by index ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSource:
+    """An image folder's split as listed: the image at `i` is read only when asked for."""
+
+    paths: Sequence[Path]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Path, int, str]:
+        return self.paths[i], int(self.labels[i]), str(self.paths[i])
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """A prepared tfds split as a random-access ArrayRecord source with undecoded images."""
+
+    records: Any  # tfds' data source (pickles into the workers by its file paths)
+    name: str
+    indices: np.ndarray | None = None  # a subset of the split (a carved validation), or all
+
+    def __len__(self) -> int:
+        return len(self.records) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[bytes, int, str]:
+        index = i if self.indices is None else int(self.indices[i])
+        record = self.records[index]
+        return record["image"], int(record["label"]), f"{self.name} example {index}"
+
+
+# --- What the workers do to each example --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample:
+    """Example `i` of a training epoch: decoded, RandomResizedCrop to `size` with a generator of
+    its own (seed, epoch, i); an unreadable file is replaced by the next readable one."""
+
+    source: Any
+    size: int
+    seed: int
+    epoch: int
+
+    def __call__(self, i: np.integer) -> dict[str, Any]:
+        skipped = []
+        for offset in range(MAX_CONSECUTIVE_BAD_FILES):
+            encoded, label, name = self.source[(int(i) + offset) % len(self.source)]
+            try:
+                image = transforms.decode_image(encoded, name)
+            except transforms.BadImage as bad:
+                skipped.append((name, str(bad)))
+                continue
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            crop = transforms.random_resized_crop(image, rng, self.size)
+            return {"image": crop, "label": np.int32(label), "skipped": skipped}
+        raise data.DataError(
+            f"{MAX_CONSECUTIVE_BAD_FILES} files in a row cannot be decoded, from "
+            f"{skipped[0][0]} to {skipped[-1][0]} ({skipped[0][1]}): the dataset is damaged "
+            "or not images. Check that the files are complete PNG or JPEG images (copy or "
+            "extract them again), then rerun the same command to resume."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample:
+    """An evaluation example (index, real): decoded, Resize + CenterCrop to `size`; padding and
+    an unreadable file come out masked."""
+
+    source: Any
+    size: int
+
+    def __call__(self, index_and_real: np.ndarray) -> dict[str, Any]:
+        index, real = int(index_and_real[0]), bool(index_and_real[1])
+        encoded, label, name = self.source[index]
+        try:
+            image = transforms.decode_image(encoded, name)
+        except transforms.BadImage as bad:
+            blank = np.zeros((self.size, self.size, 3), np.uint8)
+            return {"image": blank, "label": np.int32(label), "mask": False,
+                    "skipped": [(name, str(bad))]}  # fmt: skip
+        resize = round(self.size * EVAL_RESIZE_RATIO)
+        crop = transforms.resize_center_crop(image, resize, self.size)
+        return {"image": crop, "label": np.int32(label), "mask": real, "skipped": []}
+
+
+def stack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """grain's batch function: arrays stacked, the skipped files of every example in one list."""
+    batch = {
+        key: np.stack([example[key] for example in examples])
+        for key in examples[0]
+        if key != "skipped"
+    }
+    batch["skipped"] = [entry for example in examples for entry in example["skipped"]]
+    return batch
+
+
+# --- The batches --------------------------------------------------------------------------------
+
+
+class StreamBatches:
+    """`data.Batches` read from `sources` ({"train", "test", optionally "val"}) while training.
+
+    Each epoch (and each evaluation) runs one grain pipeline over this process's examples, in
+    `workers` processes (0: in this one), `workers` batches ahead.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, Any],
+        class_names: list[str],
+        image_size: int,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        workers: int,
+    ):
+        self.sources, self.class_names, self.seed, self.workers = (
+            sources, class_names, seed, workers,
+        )  # fmt: skip
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.image_shape = (image_size, image_size, 3)
+        self.split_sizes = {name: len(source) for name, source in sources.items()}
+        self.skipped_files: dict[str, str] = {}
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
+        import grain
+
+        indices = data.train_batch_indices(
+            len(self.sources["train"]), self.batch_size, seed=self.seed, epoch=epoch,
+            start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )  # fmt: skip
+        read = TrainExample(self.sources["train"], self.image_shape[0], self.seed, epoch)
+        dataset = grain.MapDataset.source(indices.reshape(-1)).map(read)
+        return self._iterate(dataset.batch(indices.shape[1], batch_fn=stack_examples))
+
+    def eval_batches(self, split: str) -> Iterator[data.Batch]:
+        import grain
+
+        indices, real = data.eval_batch_indices(
+            len(self.sources[split]), self.eval_batch_size, jax.process_index(),
+            jax.process_count(),
+        )  # fmt: skip
+        examples = np.stack([indices.reshape(-1), real.reshape(-1)], axis=1)
+        read = EvalExample(self.sources[split], self.image_shape[0])
+        dataset = grain.MapDataset.source(examples).map(read)
+        return self._iterate(dataset.batch(indices.shape[1], batch_fn=stack_examples))
+
+    def _iterate(self, dataset: Any) -> Iterator[data.Batch]:
+        import grain
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library caller has none
+            flags.FLAGS.mark_as_parsed()
+        pipeline = dataset.to_iter_dataset()
+        if self.workers:
+            pipeline = pipeline.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        iterator = iter(pipeline)
+        try:
+            for batch in iterator:
+                self._note_skipped(batch.pop("skipped"))
+                yield batch
+        except RuntimeError as error:
+            if "Worker process" not in str(error):  # grain's words for a worker that died
+                raise
+            raise InputWorkerDied(
+                f"An input worker process died ({' '.join(str(error).split())[:200]}), so the "
+                "run stopped. A kill by the out-of-memory killer is the usual cause: lower "
+                "dataset.stream_workers or the batch size, or give the host more memory. The "
+                "checkpoints are kept: rerun the same command to resume from the latest."
+            ) from None
+        finally:
+            iterator.close()
+            # Dropped now, while the interpreter is whole: grain's iterators clean up in __del__.
+            del iterator, pipeline
+            gc.collect()
+
+    def _note_skipped(self, skipped: Iterable[tuple[str, str]]) -> None:
+        for name, why in skipped:
+            if name not in self.skipped_files:
+                log.warning("%s", why)
+                self.skipped_files[name] = why
+
+
+# --- From a config ------------------------------------------------------------------------------
+
+
+def open_stream(config: ml_collections.ConfigDict, eval_batch_size: int) -> StreamBatches:
+    """The config's dataset as a `StreamBatches`: listed (a folder) or prepared as ArrayRecord
+    (tfds) but not read."""
+    options = config.dataset
+    if not options.image_size:
+        raise ConfigError(
+            "Stream mode (dataset.pipeline) crops every image on the host to dataset.image_size "
+            "x dataset.image_size, which is 0: set it (224 for ImageNet-style training)."
+        )
+    if options.name.startswith(data.FOLDER_PREFIX):
+        sources, class_names = _folder_sources(config)
+    else:
+        sources, class_names = _tfds_sources(config)
+    return StreamBatches(
+        sources, class_names, options.image_size, batch_size=config.batch_size,
+        eval_batch_size=eval_batch_size, seed=config.seed, workers=options.stream_workers,
+    )  # fmt: skip
+
+
+def _folder_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[str]]:
+    root = Path(config.dataset.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
+    listing, class_names = data.list_folder(root)
+    sources = {name: FolderSource(split.paths, split.labels) for name, split in listing.items()}
+    if "val" not in sources and config.dataset.val_fraction > 0:
+        train = listing["train"]
+        is_val = data.validation_mask(train.labels, config.dataset.val_fraction, config.seed)
+        paths = np.array(train.paths, dtype=object)
+        sources["train"] = FolderSource(list(paths[~is_val]), train.labels[~is_val])
+        sources["val"] = FolderSource(list(paths[is_val]), train.labels[is_val])
+    return sources, class_names
+
+
+def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[str]]:
+    import tensorflow_datasets as tfds
+
+    options = config.dataset
+    data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
+    builder = data.prepared_tfds_builder(
+        options.name, data_dir, options.verify_checksums, file_format="array_record"
+    )
+    sources = {}
+    for ours, theirs in data.tfds_split_names(builder).items():
+        try:
+            records = builder.as_data_source(
+                split=theirs, decoders={"image": tfds.decode.SkipDecoding()}
+            )
+        except (ValueError, NotImplementedError, FileNotFoundError) as error:
+            raise data.DataError(
+                f"Cannot stream {options.name} from {builder.data_dir} "
+                f"({' '.join(str(error).split())[:200]}). Stream mode reads ArrayRecord files: "
+                "if the dataset was prepared as TFRecord (by memory mode), prepare it again in "
+                "another dataset.data_dir, or use dataset.pipeline = 'memory'."
+            ) from None
+        sources[ours] = TfdsSource(records, f"{options.name}[{theirs}]")
+    if "val" not in sources and options.val_fraction > 0:
+        train = sources["train"]
+        unlabeled = np.zeros(len(train), np.int32)  # reading the labels would read every record
+        is_val = data.validation_mask(unlabeled, options.val_fraction, config.seed)
+        sources["train"] = dataclasses.replace(train, indices=np.flatnonzero(~is_val))
+        sources["val"] = dataclasses.replace(train, indices=np.flatnonzero(is_val))
+    return sources, list(builder.info.features["label"].names)
+
+
+def choose_pipeline(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """Memory or stream, as the config's dataset.pipeline says, and why. "auto" estimates the
+    decoded train split (examples x H x W x 3 bytes, from the folder's listing and its first
+    image's header, or tfds' dataset info) against dataset.memory_budget_gb, reading no image."""
+    options = config.dataset
+    if options.pipeline != "auto":
+        return options.pipeline, f"dataset.pipeline = {options.pipeline!r}"
+    budget = options.memory_budget_gb * 1e9
+    count, height_width = _train_split_size(config)
+    if height_width is None:
+        return "stream", (
+            "the images differ in size and dataset.image_size is 0, so memory mode could not "
+            "hold them as one array"
+        )
+    if count is None:
+        return "memory", "the train split's size is known only once it is prepared"
+    decoded = count * height_width[0] * height_width[1] * 3
+    fits = decoded <= budget
+    return ("memory" if fits else "stream"), (
+        f"the decoded train split, {count:,} images of {height_width[0]}x{height_width[1]}x3 = "
+        f"{decoded / 1e9:.3g} GB, {'fits' if fits else 'exceeds'} dataset.memory_budget_gb = "
+        f"{options.memory_budget_gb:g}"
+    )
+
+
+def _train_split_size(
+    config: ml_collections.ConfigDict,
+) -> tuple[int | None, tuple[int, int] | None]:
+    """(train examples or None if unknown, (H, W) as memory mode would hold them or None if
+    they differ in size)."""
+    options = config.dataset
+    size = (options.image_size, options.image_size) if options.image_size else None
+    if options.name.startswith(data.FOLDER_PREFIX):
+        root = Path(options.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
+        listing, _ = data.list_folder(root)
+        paths = listing["train"].paths
+        if size is None:
+            with Image.open(paths[0]) as first:  # reads the header only
+                size = (first.height, first.width)
+        return len(paths), size
+    data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
+    info = data.tfds_builder(options.name, data_dir).info
+    shape = info.features["image"].shape
+    if size is None and None not in shape[:2]:
+        size = tuple(shape[:2])
+    count = info.splits["train"].num_examples if "train" in info.splits else None
+    return count, size

@@ -1,0 +1,126 @@
+"""Stream mode's batches, in this process (no worker processes, no training): the same order as
+memory mode, a resume that reads the same batches, unreadable files skipped and counted, the
+choice between memory and stream, and folder problems explained. The end-to-end runs (worker
+processes, a resumed run, the ImageNet recipe) are in test_stream_training.py."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import config_utils, data, stream
+
+
+def jpeg_folder(root: Path, layout: dict[str, dict[str, int]], size=(40, 48)) -> Path:
+    """`root` with layout {split: {class: number of random JPEGs of `size` (H, W)}}."""
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (*size, 3), np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def stream_config(root: Path, **dataset):
+    config = config_utils.default_config()
+    options = dict(pipeline="stream", image_size=16, val_fraction=0.0, stream_workers=0)
+    config.dataset.update(name=f"folder:{root}", **{**options, **dataset})
+    config.batch_size, config.eval_batch_size = 4, 4
+    return config_utils.resolve(config)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return jpeg_folder(tmp_path / "images", {"train": {"a": 6, "b": 6}, "test": {"a": 3, "b": 2}})
+
+
+def test_batches_follow_memory_modes_order_and_resume_exactly(folder):
+    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    epoch = list(batches.train_batches(epoch=1))
+    assert len(epoch) == 3 and all(b["image"].shape == (4, 16, 16, 3) for b in epoch)
+    assert all(b["image"].dtype == np.uint8 for b in epoch)
+    # The labels come in memory mode's order: the permutation of (seed, epoch).
+    labels = np.repeat([0, 1], 6)
+    order = data.train_batch_indices(12, 4, seed=0, epoch=1)
+    np.testing.assert_array_equal([b["label"] for b in epoch], labels[order])
+    resumed = list(batches.train_batches(epoch=1, start_step=1))
+    for batch, again in zip(epoch[1:], resumed, strict=True):
+        np.testing.assert_array_equal(batch["image"], again["image"])
+    other_epoch = next(batches.train_batches(epoch=2))
+    assert not np.array_equal(other_epoch["image"], epoch[0]["image"])  # new crops, new order
+
+
+def test_evaluation_is_padded_and_masked(folder):
+    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    test = list(batches.eval_batches("test"))
+    assert [b["mask"].tolist() for b in test] == [[True] * 4, [True, False, False, False]]
+    assert [b["label"].tolist() for b in test] == [[0, 0, 0, 1], [1, 1, 1, 1]]
+    again = list(batches.eval_batches("test"))  # no randomness in evaluation
+    np.testing.assert_array_equal(test[0]["image"], again[0]["image"])
+
+
+def test_an_unreadable_file_is_skipped_once_with_a_warning(folder, caplog):
+    bad_train = folder / "train" / "a" / "2.jpg"
+    bad_train.write_bytes(bad_train.read_bytes()[:100])  # truncated
+    bad_test = folder / "test" / "b" / "notes.png"
+    bad_test.write_text("not an image")
+    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    with caplog.at_level(logging.WARNING):
+        for epoch in (0, 1):
+            assert len(list(batches.train_batches(epoch))) == 3  # full batches, none lost
+        test = list(batches.eval_batches("test"))
+    assert sorted(batches.skipped_files) == [str(bad_test), str(bad_train)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and str(bad_train) in " ".join(warnings)
+    assert sum(int(b["mask"].sum()) for b in test) == 5  # the unreadable test file is masked out
+
+
+def test_a_damaged_dataset_is_not_skipped_file_by_file(tmp_path):
+    root = jpeg_folder(tmp_path, {"train": {"a": 20}, "test": {"a": 1}})
+    for path in (root / "train" / "a").iterdir():
+        path.write_bytes(b"")
+    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    with pytest.raises(data.DataError, match="16 files in a row cannot be decoded"):
+        next(batches.train_batches(0))
+
+
+def test_auto_streams_what_does_not_fit_the_budget(folder):
+    config = stream_config(folder, pipeline="auto")
+    assert stream.choose_pipeline(config)[0] == "memory"
+    config.dataset.memory_budget_gb = 12 * 16 * 16 * 3 / 1e9 * 0.99  # just under 12 crops
+    pipeline, why = stream.choose_pipeline(config)
+    assert pipeline == "stream" and "12 images of 16x16x3" in why and "exceeds" in why
+    config.dataset.image_size = 0  # memory mode would keep the files' 40x48
+    assert "12 images of 40x48x3" in stream.choose_pipeline(config)[1]
+    with pytest.raises(config_utils.ConfigError, match=r"dataset\.image_size"):
+        stream.open_stream(config, eval_batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("layout", "fragments"),
+    [
+        ({"train": {"a": 2, "b": 0}, "test": {"a": 1}}, ["train/b hold no", "remove the folder"]),
+        ({"train": {"a": 2, "b": 2}, "test": {"a": 1}}, ["no images of the class b", "test/<"]),
+    ],
+)
+def test_folder_problems_are_explained(tmp_path, layout, fragments):
+    root = jpeg_folder(tmp_path, layout)
+    with pytest.raises(data.DataError) as error:
+        stream.open_stream(stream_config(root), eval_batch_size=4)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+@pytest.mark.tfds
+def test_imagenet_names_the_archives_to_download_by_hand(tmp_path):
+    with pytest.raises(data.DataError) as error:
+        data.prepared_tfds_builder("imagenet2012", str(tmp_path), verify_checksums=True)
+    message = str(error.value)
+    for fragment in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "downloads/manual"):
+        assert fragment in message
