@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,8 @@ class StreamBatches:
             flags.FLAGS.mark_as_parsed()
         pipeline = dataset.to_iter_dataset()
         if self.workers:
-            pipeline = pipeline.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+            options = grain.MultiprocessingOptions(num_workers=self.workers)
+            pipeline = pipeline.mp_prefetch(options, worker_init_fn=_ignore_keyboard_interrupt)
         iterator = iter(pipeline)
         try:
             for batch in iterator:
@@ -234,6 +236,14 @@ class StreamBatches:
             if name not in self.skipped_files:
                 log.warning("%s", why)
                 self.skipped_files[name] = why
+
+
+def _ignore_keyboard_interrupt(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C reaches the whole process group: the workers leave it to the main process, which
+    saves a checkpoint at the next step boundary and then closes them (else a worker can die
+    before the batch the main process still needs to reach that boundary)."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- From a config ------------------------------------------------------------------------------

@@ -59,9 +59,10 @@ def step_records(workdir: Path) -> list[dict]:
 
 
 def start_training(args: list[str], log: Path) -> subprocess.Popen:
+    # A session of its own: a test can signal the run's process group as a terminal's Ctrl-C does.
     return subprocess.Popen(
         [sys.executable, "-m", "resnet_jax.train", *args], cwd=REPO_ROOT, env=subprocess_env(),
-        stdout=subprocess.DEVNULL, stderr=log.open("w"),
+        stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True,
     )  # fmt: skip
 
 
@@ -130,6 +131,30 @@ def test_a_worker_that_dies_ends_the_run_with_a_message(folder, cache_dir, tmp_p
     stderr = log.read_text()
     assert "An input worker process died" in stderr and "rerun the same command" in stderr
     assert "Traceback" not in stderr
+
+
+def test_ctrl_c_saves_and_stops_the_run_not_its_input_workers(folder, cache_dir, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    process = start_training(recipe_args(folder, workdir, cache_dir, workers=1, epochs=50), log)
+    try:
+        metrics = workdir / "metrics.jsonl"
+        wait_for(process, log, lambda: metrics.exists() and metrics.read_text().strip())
+        wait_for(
+            process, log, lambda: any(b"spawn_main" in cmdline(p) for p in children(process.pid))
+        )
+        os.killpg(process.pid, signal.SIGINT)  # the whole group, workers included
+        assert process.wait(SUBPROCESS_TIMEOUT_S) == 128 + signal.SIGINT, log.read_text()[-3000:]
+    finally:
+        process.kill()
+    stderr = log.read_text()
+    assert "Stopped by SIGINT at step" in stderr and "input worker process died" not in stderr
+    assert "Traceback" not in stderr and any((workdir / "checkpoints").iterdir())
+
+
+def cmdline(pid: int) -> bytes:
+    with contextlib.suppress(FileNotFoundError):  # ended
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
 
 
 def children(pid: int) -> list[int]:
