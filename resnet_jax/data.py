@@ -90,6 +90,11 @@ class Dataset:
         return self.train.images.shape[1:]
 
 
+# How a photo of any size becomes a model input (predict, export): memory mode resizes it (as
+# folders are resized on load); stream mode takes its evaluation view (transforms.eval_crop).
+IMAGE_FITS = ("resize", "eval_crop")
+
+
 class Batches(Protocol):
     """Where a run's batches come from, whichever the pipeline: `MemoryBatches` (every split in
     host memory) or `stream.StreamBatches` (read and decoded while training). The loop, the
@@ -99,6 +104,7 @@ class Batches(Protocol):
     image_shape: tuple[int, int, int]  # (H, W, C) of every image delivered
     split_sizes: dict[str, int]  # examples of "train", "test" and, if there is one, "val"
     skipped_files: dict[str, str]  # unreadable file -> why, skipped so far (stream mode)
+    image_fit: str  # how an image of another size is fitted to image_shape: one of IMAGE_FITS
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This process's share of each batch of `epoch` from `start_step` on (`train_batches`)."""
@@ -120,6 +126,7 @@ class MemoryBatches:
         self.image_shape = dataset.image_shape
         self.split_sizes = {name: len(split) for name, split in self._splits().items()}
         self.skipped_files: dict[str, str] = {}  # every image was read on load
+        self.image_fit = "resize"  # as image folders are resized on load
 
     def _splits(self) -> dict[str, Split]:
         splits = {"train": self.dataset.train, "val": self.dataset.val, "test": self.dataset.test}

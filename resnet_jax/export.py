@@ -88,7 +88,13 @@ def export_checkpoint(
         "sha256": hashlib.sha256(artifact).hexdigest(),
         "jax_version": jax.__version__,
         "platforms": list(exported.platforms),
-        "input": {"shape": [None, *image_shape], "dtype": "uint8", "layout": "NHWC RGB 0-255"},
+        "input": {
+            "shape": [None, *image_shape],
+            "dtype": "uint8",
+            "layout": "NHWC RGB 0-255",
+            # How a photo of another size was brought to that shape (data.IMAGE_FITS).
+            "fit": meta.get("image_fit", "resize"),
+        },
         "output": {"shape": [None, len(class_names)], "dtype": "float32", "meaning": "logits"},
         "class_names": class_names,
         "model": config.model.name,

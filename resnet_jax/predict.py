@@ -3,11 +3,12 @@
     python -m resnet_jax.predict --workdir W cat.png truck.jpg --top_k 3
     python -m resnet_jax.predict --exported DIR cat.png   # a `resnet_jax.export` output
 
-Each image is loaded with PIL as RGB, resized to the size the run's images had when it trained
-(bilinear, as image folders are resized on load), and preprocessed exactly as evaluation does
-(the on-device resize, if any, and the same normalization). A run that kept an EMA of its weights
-predicts with them, unless its ema.weights is "raw", as its results.json reports. With --exported,
-the model and its preprocessing are the exported artifact's: nothing is built from the model's code.
+Each image is loaded with PIL as RGB and brought to the size of the run's images: resized
+(bilinear, as memory mode resizes image folders on load) or, for a stream-mode run, resized and
+centre-cropped as its evaluation did; then preprocessed exactly as evaluation does (the on-device
+resize, if any, and the same normalization). A run that kept an EMA of its weights predicts with
+them, unless its ema.weights is "raw", as its results.json reports. With --exported, the model and
+its preprocessing are the exported artifact's: nothing is built from the model's code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from resnet_jax import cli, evaluate, export
+from resnet_jax import cli, evaluate, export, transforms
 from resnet_jax.config_utils import ConfigError
 
 
@@ -28,8 +29,11 @@ class ImageError(ValueError):
     """An image file that is missing or that PIL cannot read."""
 
 
-def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarray:
-    """uint8 (N, H, W, 3) images, each resized to `image_shape`'s height and width."""
+def load_images(
+    paths: list[str], image_shape: tuple[int, int, int], fit: str = "resize"
+) -> np.ndarray:
+    """uint8 (N, H, W, 3) images at `image_shape`'s height and width, each resized, or for
+    fit="eval_crop" (square shapes) resized and centre-cropped as stream-mode evaluation does."""
     height, width, _ = image_shape
     images = []
     for path in map(Path, paths):
@@ -41,6 +45,9 @@ def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarr
                 f"Cannot read the image {path}: {error.strerror or error}. Pass existing PNG or "
                 "JPEG files (any size; they are resized to the size the model was trained on)."
             ) from None
+        if fit == "eval_crop":
+            images.append(transforms.eval_crop(rgb, height))
+            continue
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
         images.append(np.asarray(rgb, np.uint8))
@@ -63,7 +70,7 @@ def predict(
     finally:
         checkpoints.close()
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
-    images = load_images(image_paths, image_shape)
+    images = load_images(image_paths, image_shape, meta.get("image_fit", "resize"))
     state = evaluate.eval_state(config, variables, len(class_names), image_shape)
     return top_classes(np.asarray(_probabilities(state, images)), class_names, top_k)
 
@@ -74,7 +81,8 @@ def predict_exported(
     """`predict` with a `resnet_jax.export` artifact instead of a checkpoint."""
     check_request(image_paths, top_k)
     exported, manifest = export.load_exported(exported_dir)
-    images = load_images(image_paths, tuple(manifest["input"]["shape"][1:]))
+    shape, fit = tuple(manifest["input"]["shape"][1:]), manifest["input"].get("fit", "resize")
+    images = load_images(image_paths, shape, fit)
     probabilities = np.asarray(jax.nn.softmax(exported.call(images)))
     return top_classes(probabilities, manifest["class_names"], top_k)
 

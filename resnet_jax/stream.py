@@ -36,8 +36,6 @@ from PIL import Image
 from resnet_jax import data, transforms
 from resnet_jax.config_utils import ConfigError
 
-# torchvision's reference evaluates Resize(256) + CenterCrop(224): the same ratio at any size.
-EVAL_RESIZE_RATIO = 256 / 224
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
 MAX_CONSECUTIVE_BAD_FILES = 16
 
@@ -132,8 +130,7 @@ class EvalExample:
             blank = np.zeros((self.size, self.size, 3), np.uint8)
             return {"image": blank, "label": np.int32(label), "mask": False,
                     "skipped": [(name, str(bad))]}  # fmt: skip
-        resize = round(self.size * EVAL_RESIZE_RATIO)
-        crop = transforms.resize_center_crop(image, resize, self.size)
+        crop = transforms.eval_crop(image, self.size)
         return {"image": crop, "label": np.int32(label), "mask": real, "skipped": []}
 
 
@@ -176,6 +173,7 @@ class StreamBatches:
         self.image_shape = (image_size, image_size, 3)
         self.split_sizes = {name: len(source) for name, source in sources.items()}
         self.skipped_files: dict[str, str] = {}
+        self.image_fit = "eval_crop"  # what evaluation does to every image
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
         import grain

@@ -114,6 +114,16 @@ def resize_center_crop(image: Image.Image, resize: int = 256, crop: int = 224) -
     return pixels[top : top + crop, left : left + crop]
 
 
+# torchvision's reference evaluates Resize(256) + CenterCrop(224): the same ratio at any size.
+EVAL_RESIZE_RATIO = 256 / 224
+
+
+def eval_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The evaluation view of an image of any size at `size` x `size`: Resize(size * 256 / 224)
+    + CenterCrop(size), torchvision's Resize(256) + CenterCrop(224) at 224."""
+    return resize_center_crop(image, round(size * EVAL_RESIZE_RATIO), size)
+
+
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
     """torchvision's `RandomHorizontalFlip(p)` on an HWC array: mirrored with probability `p`."""
     return image[:, ::-1] if rng.random() < p else image

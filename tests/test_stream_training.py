@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, predict, stream
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, run_module, subprocess_env
 from tests.test_stream import jpeg_folder
 
@@ -83,6 +83,19 @@ def test_a_stopped_stream_run_resumes_exactly_with_other_workers(folder, cache_d
     results = json.loads((straight / "results.json").read_text())
     assert results["skipped_files"] == 1 and results["num_test_examples"] == 4
     assert step_records(straight)[-1]["skipped_files"] == 1
+    # predict brings a photo to the model's size as this run's evaluation did (not a squash).
+    checkpoints = checkpoint.Checkpoints(straight / "checkpoints")
+    try:
+        assert checkpoints.meta(checkpoints.latest_step())["image_fit"] == "eval_crop"
+    finally:
+        checkpoints.close()
+    photo = sorted((folder / "test" / "a").iterdir())[0]
+    evaluated = stream.EvalExample(stream.FolderSource([photo], np.zeros(1, np.int32)), 32)
+    np.testing.assert_array_equal(
+        predict.load_images([str(photo)], (32, 32, 3), "eval_crop")[0],
+        evaluated(np.array([0, 1]))["image"],
+    )
+    assert predict.predict([str(photo)], workdir=str(straight), top_k=1)[0][0][0] in ("a", "b")
 
     stopped = tmp_path / "stopped"
     log = tmp_path / "stopped.log"
