@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
-from resnet_jax import config_utils, data, stream
+from resnet_jax import config_utils, data, stream, transforms
+from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
+from tests.test_data import _refuse_network
 
 
 def jpeg_folder(root: Path, layout: dict[str, dict[str, int]], size=(40, 48)) -> Path:
@@ -124,3 +127,35 @@ def test_imagenet_names_the_archives_to_download_by_hand(tmp_path):
     message = str(error.value)
     for fragment in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "downloads/manual"):
         assert fragment in message
+
+
+@pytest.mark.tfds
+def test_a_tfds_dataset_streams_from_its_array_record_files(tmp_path, monkeypatch):
+    written = prepare_fake_cifar10(tmp_path, n_train_per_batch=4, n_test=10)
+    monkeypatch.setattr(requests.Session, "request", _refuse_network)
+    config = config_utils.default_config()
+    config.dataset.update(
+        name="cifar10", data_dir=str(tmp_path), verify_checksums=False, pipeline="stream",
+        image_size=32, val_fraction=0.0, stream_workers=0,
+    )  # fmt: skip
+    config.batch_size, config.eval_batch_size = 4, 4
+    batches = stream.open_stream(config_utils.resolve(config), eval_batch_size=4)
+    assert batches.split_sizes == {"train": 20, "test": 10}
+    assert list(batches.class_names) == list(CIFAR10_CLASS_NAMES)
+    assert any(tmp_path.glob("cifar10/*/*.array_record*"))
+
+    train = list(batches.train_batches(epoch=0))
+    assert len(train) == 5 and all(b["image"].shape == (4, 32, 32, 3) for b in train)
+    # Every test image once, as evaluation views it (Resize + CenterCrop of the stored PNG).
+    test = list(batches.eval_batches("test"))
+    got = sorted(
+        (int(label), image.tobytes())
+        for batch in test
+        for image, label, real in zip(batch["image"], batch["label"], batch["mask"], strict=True)
+        if real
+    )
+    expected = sorted(
+        (int(label), transforms.eval_crop(Image.fromarray(image), 32).tobytes())
+        for image, label in zip(written.test_images, written.test_labels, strict=True)
+    )
+    assert got == expected
