@@ -433,9 +433,10 @@ def print_startup_report(result: dict[str, Any]) -> None:
         f"{os.cpu_count()} cores, load {result['load_avg_1min']:.1f}\n"
     )
     print(
-        "| pipeline | train JPEGs | time to first step s | main peak RSS MiB | tree peak RSS MiB |"
+        "| pipeline | train JPEGs | time to first step s | main peak RSS MiB | "
+        "largest child's peak RSS MiB | tree peak RSS MiB |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(
             f"| {r['pipeline']} | {r['images']} | {r['first_step_s']:.1f} | "
