@@ -1,28 +1,43 @@
-"""Input-pipeline throughput: JPEG decode + RandomResizedCrop 224 + flip, grain against torchvision.
+"""Stream mode's input pipeline against torchvision's, and memory and start-up against dataset size.
 
     .venv/bin/python experiments/pipeline_benchmark.py --json pipeline.json   # docs/PERFORMANCE.md
-    .venv/bin/python experiments/pipeline_benchmark.py --quick                # tiny sizes (~1 min)
+    .venv/bin/python experiments/pipeline_benchmark.py --startup              # memory and start-up
+    .venv/bin/python experiments/pipeline_benchmark.py --quick [--startup]    # tiny sizes
     make bench-pipeline ARGS="--images 4096 --workers 1,2,4"
 
-Both sides read the same folder of JPEGs written at the start of the run (ImageNet-like sizes,
-~400x350 on average, quality 90; or `--folder` with train/<class>/*.jpg) and make uint8 batches of
-random 224x224 crops, flipped at random:
-- ours: grain, a `MapDataset` over the file list, shuffled and repeated, `random_map` with
-  resnet_jax.transforms (decode_image, random_resized_crop, horizontal_flip), batched in
-  `--workers` worker processes (`mp_prefetch`), each reading with `--read_threads` threads;
-- torchvision: `ImageFolder` + `DataLoader(num_workers=k)` with RandomResizedCrop(224),
-  RandomHorizontalFlip() and PILToTensor() (uint8, as ours: both normalize on the device).
-For each worker count the two sides run in turn (grain, torch, then torch, grain, ...: a drifting
-machine load hits both alike), each in its own processes, started, warmed up (its first batches,
-worker start-up included, are not timed), then timed over `--windows` windows of
+Throughput (the default section). Both sides read the same folder of JPEGs written at the start of
+the run (ImageNet-like sizes, ~400x350 on average, quality 90; or `--folder` with
+train/<class>/*.jpg) and make uint8 batches of random 224x224 crops:
+- ours: what training runs, `stream.open_stream` on a config with dataset.name = folder:...,
+  pipeline "stream", image_size 224 and stream_workers = k: grain worker processes decode and
+  RandomResizedCrop each image (`resnet_jax.transforms`). Stream mode flips on the device, in the
+  compiled step, so ours does no flip here;
+- torchvision, as a user writes it: `ImageFolder` + `DataLoader(num_workers=k, shuffle=True)` with
+  RandomResizedCrop(224), RandomHorizontalFlip() and PILToTensor() (uint8, as ours: both normalize
+  on the device).
+For each worker count the two sides run in turn (ours, torch, then torch, ours, ...: a drifting
+machine load hits both alike), each in its own processes, over one epoch: started, warmed up (its
+first batches, worker start-up included, are not timed), then timed over `--windows` windows of
 `--window_batches` batches per worker. A side's figures are medians over its windows: images/s,
 and CPU milliseconds per image (user + system of the main process and its workers), which other
-load on a shared machine leaves unchanged where it slows images/s. The ratios are grain's speed
-over torchvision's (goal: >= 1.0x).
+load on a shared machine leaves unchanged where it slows images/s. The ratios are ours over
+torchvision's (goal: >= 1.0x).
 
 Then one ResNet-50 train step at 224 (`--step_batch_size`, compiled as benchmark.py does) is
 timed on a device-resident batch: if its images/s exceed the pipeline's, the pipeline bounds
 training on this machine (where the step and the workers also share the same cores).
+
+Memory and start-up (`--startup`): folders of `--startup_sizes` train JPEGs at 224x224 (the
+smaller ones a prefix of the largest, by hard links; test/ has 2 per class), then
+`python -m resnet_jax.train` on configs/r50_imagenet.py shrunk to a tiny model (resnet18 at width
+8, batch 32, `--startup_steps` steps) per (pipeline, size), each mode warmed once first so that
+the persistent compilation cache (in a temporary directory) holds its step. Measured from outside,
+polling the process every 20 ms: the time from its start to the first step record in
+<workdir>/metrics.jsonl; the main process's peak RSS (VmHWM in /proc/<pid>/status, the last read
+before it exits); the largest peak RSS of its child processes (VmHWM of each); and the peak of
+the whole tree's RSS (the sum of VmRSS over the main process and
+its children: grain's workers and multiprocessing's resource tracker; shared memory counts in each
+process that maps it).
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,85 +58,85 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import grain  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from resnet_jax import transforms  # noqa: E402
+from resnet_jax import base_config, cpu, data, stream  # noqa: E402
 
-# Grain's worker processes start by spawn and import this module: JAX, torch and the trainer
-# are imported inside the functions that need them, so the workers stay light.
+# Grain's worker processes start by spawn and import this module: torch and the trainer's step are
+# imported inside the functions that need them, so the workers stay light.
 
 CROP_SIZE = 224
 # ImageNet's train images average about 400x350; sizes are drawn around that.
 WIDTHS, HEIGHTS = (300, 500), (250, 450)
+TEST_PER_CLASS = 2
+# --startup: the figures compared across dataset sizes, and stream mode's allowed growth.
+GROWTH_KEYS = ("first_step_s", "main_peak_rss_mib", "worker_peak_rss_mib", "tree_peak_rss_mib")
+FLAT = 0.15
+POLL_S = 0.02
 
 
 # ----------------------------------------------------------------------------------------------
 # The images
 
 
-def make_jpeg_folder(root: Path, count: int, num_classes: int, seed: int = 0) -> None:
-    """Writes `count` JPEGs (quality 90) under root/train/<class>/: smooth random colour fields
-    with grain-like noise, so that they compress like photos rather than like flat colour."""
+def write_jpeg(path: Path, width: int, height: int, rng: np.random.Generator) -> None:
+    """A smooth random colour field with grain-like noise (quality 90), so that it compresses like
+    a photo rather than like flat colour."""
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+    noise = rng.normal(0.0, 8.0, smooth.shape)
+    pixels = np.clip(smooth + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_jpeg_folder(
+    root: Path, count: int, num_classes: int, size: int | None = None, seed: int = 0
+) -> None:
+    """Writes `count` JPEGs under root/train/<class>/ and TEST_PER_CLASS per class under
+    root/test/<class>/ (which stream mode's folder layout asks for), size x size or, without
+    `size`, of ImageNet-like sizes."""
     rng = np.random.default_rng(seed)
-    for index in range(count):
-        width, height = int(rng.integers(*WIDTHS)), int(rng.integers(*HEIGHTS))
-        coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
-        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
-        noise = rng.normal(0.0, 8.0, smooth.shape)
-        pixels = np.clip(smooth + noise, 0, 255).astype(np.uint8)
-        class_dir = root / "train" / f"class_{index % num_classes:03d}"
-        class_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(class_dir / f"{index:06d}.jpg", quality=90)
-
-
-def list_folder(root: Path) -> tuple[list[str], list[int]]:
-    """The train/<class>/*.jpg files in ImageFolder's order, and their class indices."""
-    class_dirs = sorted(d for d in (root / "train").iterdir() if d.is_dir())
-    paths, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        for path in sorted(class_dir.glob("*.jpg")):
-            paths.append(str(path))
-            labels.append(label)
-    return paths, labels
+    files = [("train", index) for index in range(count)]
+    files += [("test", index) for index in range(TEST_PER_CLASS * num_classes)]
+    for split, index in files:
+        if size:
+            width = height = size
+        else:
+            width, height = int(rng.integers(*WIDTHS)), int(rng.integers(*HEIGHTS))
+        class_name = f"class_{index % num_classes:03d}"
+        write_jpeg(root / split / class_name / f"{index:06d}.jpg", width, height, rng)
 
 
 # ----------------------------------------------------------------------------------------------
-# The two pipelines: each an iterator of {"image": uint8 batch, "label": int batch}
+# The two pipelines: each an iterator over one epoch of {"image": uint8 batch, "label": int batch}
 
 
-def train_example(record: tuple[str, int], rng: np.random.Generator) -> dict[str, Any]:
-    """One training example from (path, label): decode, random resized crop, random flip."""
-    path, label = record
-    image = transforms.decode_image(Path(path))
-    crop = transforms.random_resized_crop(image, rng, CROP_SIZE)
-    return {"image": transforms.horizontal_flip(crop, rng), "label": label}
+def stream_config(root: Path, batch_size: int, workers: int, seed: int = 0) -> Any:
+    """The trainer's config for stream mode on the folder, 224x224 crops, `workers` workers."""
+    config = base_config.get_config()
+    config.dataset.update(
+        name=f"{data.FOLDER_PREFIX}{root}", pipeline="stream", image_size=CROP_SIZE,
+        stream_workers=workers, val_fraction=0.0,
+    )  # fmt: skip
+    config.batch_size, config.seed = batch_size, seed
+    return config
 
 
-def grain_batches(
-    root: Path, batch_size: int, workers: int, read_threads: int, seed: int = 0
+def stream_batches(
+    root: Path, batch_size: int, workers: int, seed: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Our side: grain over the folder's file list, transforms in `workers` processes."""
-    paths, labels = list_folder(root)
-    examples = (
-        grain.MapDataset.source(list(zip(paths, labels, strict=True)))
-        .shuffle(seed=seed)
-        .repeat()
-        .random_map(train_example, seed=seed)
-    )
-    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=batch_size)
-    # Batched as an IterDataset, last before mp_prefetch: workers stack into shared memory.
-    batches = examples.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
-    return iter(batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+    """Our side: stream mode's own batches, as training reads its first epoch."""
+    config = stream_config(root, batch_size, workers, seed)
+    return stream.open_stream(config, eval_batch_size=batch_size).train_batches(epoch=0)
 
 
 def torch_batches(root: Path, batch_size: int, workers: int, seed: int = 0) -> Iterator[Any]:
-    """torchvision's side: ImageFolder + DataLoader, the same transforms, uint8 CHW batches."""
+    """torchvision's side: ImageFolder + DataLoader, uint8 CHW batches, one epoch."""
     import torch
     import torchvision.transforms as T
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     folder = ImageFolder(
@@ -129,33 +145,57 @@ def torch_batches(root: Path, batch_size: int, workers: int, seed: int = 0) -> I
             [T.RandomResizedCrop(CROP_SIZE), T.RandomHorizontalFlip(), T.PILToTensor()]
         ),
     )
-    generator = torch.Generator().manual_seed(seed)
-    # Many epochs in one sampler: no pause at an epoch's end, like grain's repeat().
-    sampler = RandomSampler(folder, num_samples=len(folder) * 1000, generator=generator)
+    # torch forks its workers from a process where JAX runs (a warning): they never call JAX.
     loader = DataLoader(
-        folder, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True
-    )
+        folder, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
     return iter(loader)
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
+# Processes
 
 
-def process_tree_cpu_s(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by a process and all its live descendants."""
-    pid = os.getpid() if pid is None else pid
+def children(pid: int) -> list[int]:
+    """A live process's child processes (none once it has ended)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-        children = [
+        return [
             int(child)
             for task in Path(f"/proc/{pid}/task").iterdir()
             for child in (task / "children").read_text().split()
         ]
-    except (OSError, IndexError):  # the process ended meanwhile
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and all its live descendants."""
+    return [pid, *(descendant for child in children(pid) for descendant in process_tree(child))]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far (0 once it has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return 0.0
-    return total + sum(process_tree_cpu_s(child) for child in children)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def memory_mib(pid: int, field: str) -> float:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM, ...) in MiB; 0 once it has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput
 
 
 def measure(
@@ -167,6 +207,10 @@ def measure(
 ) -> dict[str, Any]:
     """Start-up (to the first batch), then each timed window's images/s and CPU ms per image
     (this process and its workers: what other load on the machine does not change)."""
+
+    def tree_cpu_s() -> float:
+        return sum(cpu_s(pid) for pid in process_tree(os.getpid()))
+
     start = time.perf_counter()
     batches = make_batches()
     next(batches)
@@ -175,12 +219,12 @@ def measure(
         next(batches)
     rates, cpu_ms = [], []
     for _ in range(windows):
-        start, start_cpu = time.perf_counter(), process_tree_cpu_s()
+        start, start_cpu = time.perf_counter(), tree_cpu_s()
         for _ in range(window_batches):
             next(batches)
         images = window_batches * batch_size
         rates.append(images / (time.perf_counter() - start))
-        cpu_ms.append(1000 * (process_tree_cpu_s() - start_cpu) / images)
+        cpu_ms.append(1000 * (tree_cpu_s() - start_cpu) / images)
     close = getattr(batches, "close", None)
     if close is not None:
         close()
@@ -190,9 +234,9 @@ def measure(
 
 
 def compare(args: argparse.Namespace, root: Path, workers: int) -> dict[str, Any]:
-    """Grain against torchvision at one worker count, alternating the order round by round."""
+    """Stream mode against torchvision at one worker count, alternating the order round by round."""
     sides = {
-        "grain": lambda: grain_batches(root, args.batch_size, workers, args.read_threads),
+        "stream": lambda: stream_batches(root, args.batch_size, workers),
         "torch": lambda: torch_batches(root, args.batch_size, workers),
     }
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
@@ -200,11 +244,12 @@ def compare(args: argparse.Namespace, root: Path, workers: int) -> dict[str, Any
         order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
         for name in order:
             print(f"... {workers} worker(s), {name}", file=sys.stderr, flush=True)
-            # Whole rounds over the workers (each returns its batches in turn) per window.
-            batches_per_window = args.window_batches * workers
             runs[name].append(
-                measure(sides[name], args.batch_size, 2 * workers, args.windows, batches_per_window)
-            )
+                measure(
+                    sides[name], args.batch_size, warmup_batches(workers), args.windows,
+                    args.window_batches * workers,
+                )
+            )  # fmt: skip
     row: dict[str, Any] = {"workers": workers}
     for name, measured in runs.items():
         windows = [rate for run in measured for rate in run["windows_img_s"]]
@@ -214,17 +259,19 @@ def compare(args: argparse.Namespace, root: Path, workers: int) -> dict[str, Any
         row[f"{name}_cpu_ms_per_img"] = statistics.median(cpu_ms)
         row[f"{name}_windows_cpu_ms"] = cpu_ms
         row[f"{name}_startup_s"] = statistics.median(run["startup_s"] for run in measured)
-    row["ratio"] = row["grain_img_s"] / row["torch_img_s"]
-    row["cpu_ratio"] = row["torch_cpu_ms_per_img"] / row["grain_cpu_ms_per_img"]
+    row["ratio"] = row["stream_img_s"] / row["torch_img_s"]
+    row["cpu_ratio"] = row["torch_cpu_ms_per_img"] / row["stream_cpu_ms_per_img"]
     row["load_avg_1min"] = os.getloadavg()[0]
     return row
 
 
+def warmup_batches(workers: int) -> int:
+    """Untimed batches at the start of a run: each worker's first two."""
+    return 2 * max(workers, 1)
+
+
 def train_step_img_s(model: str, batch_size: int, image_size: int, windows: int) -> dict:
     """Images/s of the compiled train step on a device-resident batch, as benchmark.py times it."""
-    from resnet_jax import cpu
-
-    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     import jax
 
     from experiments import benchmark
@@ -261,7 +308,88 @@ def train_step_img_s(model: str, batch_size: int, image_size: int, windows: int)
 
 
 # ----------------------------------------------------------------------------------------------
-# The report
+# Memory and start-up against dataset size
+
+
+def write_startup_folders(root: Path, sizes: list[int], num_classes: int) -> dict[int, Path]:
+    """A folder of 224x224 JPEGs per size, the smaller ones hard-linked prefixes of the largest."""
+    largest = root / f"jpegs_{max(sizes)}"
+    print(f"... writing {max(sizes)} JPEGs of {CROP_SIZE}x{CROP_SIZE}", file=sys.stderr, flush=True)
+    make_jpeg_folder(largest, max(sizes), num_classes, size=CROP_SIZE)
+    folders = {max(sizes): largest}
+    for size in sorted(set(sizes) - {max(sizes)}):
+        folders[size] = folder = root / f"jpegs_{size}"
+        for path in sorted(largest.glob("*/*/*.jpg")):
+            if path.parts[-3] == "test" or int(path.stem) < size:
+                link = folder / path.relative_to(largest)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, link)
+    return folders
+
+
+def train_to_first_step(
+    args: argparse.Namespace, folder: Path, pipeline: str, workdir: Path, cache_dir: Path
+) -> dict[str, Any]:
+    """One tiny training run of the ImageNet recipe on `folder`, watched from outside: seconds
+    from its start to its first step record, the main process's peak RSS and the whole tree's."""
+    command = [
+        sys.executable, "-m", "resnet_jax.train", "--config=configs/r50_imagenet.py",
+        f"--workdir={workdir}", f"--config.dataset.name={data.FOLDER_PREFIX}{folder}",
+        f"--config.dataset.pipeline={pipeline}",
+        f"--config.dataset.stream_workers={args.startup_workers}",
+        "--config.model.name=resnet18", "--config.model.width=8", "--config.batch_size=32",
+        "--config.eval_batch_size=32", f"--config.num_steps={args.startup_steps}",
+        "--config.schedule.warmup_epochs=0", "--config.log_every_steps=1",
+        f"--config.compilation_cache_dir={cache_dir}",
+    ]  # fmt: skip
+    metrics, log = workdir / "metrics.jsonl", workdir.with_suffix(".log")
+    start = time.perf_counter()
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    first_step_s, main_mib, tree_mib, child_peaks = None, 0.0, 0.0, {}
+    while process.poll() is None:
+        if first_step_s is None and has_step_record(metrics):
+            first_step_s = time.perf_counter() - start
+        main_mib = max(main_mib, memory_mib(process.pid, "VmHWM"))
+        tree = process_tree(process.pid)
+        tree_mib = max(tree_mib, sum(memory_mib(pid, "VmRSS") for pid in tree))
+        for pid in tree[1:]:
+            child_peaks[pid] = max(child_peaks.get(pid, 0.0), memory_mib(pid, "VmHWM"))
+        time.sleep(POLL_S)
+    if process.returncode or first_step_s is None:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
+    return {
+        "pipeline": pipeline, "images": len(list(folder.glob("train/*/*.jpg"))),
+        "first_step_s": first_step_s, "main_peak_rss_mib": main_mib, "tree_peak_rss_mib": tree_mib,
+        "total_s": time.perf_counter() - start,
+        "worker_peak_rss_mib": max(child_peaks.values(), default=0.0),
+    }  # fmt: skip
+
+
+def has_step_record(metrics: Path) -> bool:
+    try:
+        return '"record": "step"' in metrics.read_text()
+    except OSError:  # not written yet
+        return False
+
+
+def startup_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Each pipeline at each size, after one untimed run that fills the compilation cache."""
+    folders = write_startup_folders(root, args.startup_sizes, args.classes)
+    cache_dir, rows = root / "jax_cache", []
+    for pipeline in ("memory", "stream"):
+        runs = [("warm-up", min(folders)), *((size, size) for size in sorted(folders))]
+        for name, size in runs:
+            print(f"... {pipeline}, {size} JPEGs ({name})", file=sys.stderr, flush=True)
+            workdir = root / f"run_{pipeline}_{size}_{name}"
+            row = train_to_first_step(args, folders[size], pipeline, workdir, cache_dir)
+            if name != "warm-up":
+                rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The reports
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -273,42 +401,81 @@ def print_report(result: dict[str, Any]) -> None:
         f"{os.cpu_count()} cores\n"
     )
     print(
-        "| workers | grain img/s | torchvision img/s | **ratio** | CPU ms/img grain / torch | "
-        "CPU ratio | start-up s grain / torch | load |"
+        "| workers | stream img/s | torchvision img/s | **ratio** | CPU ms/img stream / torch | "
+        "CPU ratio | start-up s stream / torch | load |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(
-            f"| {r['workers']} | {r['grain_img_s']:.0f} | {r['torch_img_s']:.0f} | "
-            f"**{r['ratio']:.2f}x** | {r['grain_cpu_ms_per_img']:.2f} / "
+            f"| {r['workers']} | {r['stream_img_s']:.0f} | {r['torch_img_s']:.0f} | "
+            f"**{r['ratio']:.2f}x** | {r['stream_cpu_ms_per_img']:.2f} / "
             f"{r['torch_cpu_ms_per_img']:.2f} | {r['cpu_ratio']:.2f}x | "
-            f"{r['grain_startup_s']:.1f} / {r['torch_startup_s']:.1f} | {r['load_avg_1min']:.1f} |"
+            f"{r['stream_startup_s']:.1f} / {r['torch_startup_s']:.1f} | "
+            f"{r['load_avg_1min']:.1f} |"
         )
     s = result.get("step")
     if s:
-        best = max(result["rows"], key=lambda r: r["grain_img_s"])
-        bound = "the input pipeline" if best["grain_img_s"] < s["img_s"] else "the train step"
+        best = max(result["rows"], key=lambda r: r["stream_img_s"])
+        bound = "the input pipeline" if best["stream_img_s"] < s["img_s"] else "the train step"
         print(
             f"\n{s['model']} train step at {s['image_size']}, batch {s['batch_size']} "
             f"({s['backend']}): {1000 * s['step_s']:.0f} ms/step = {s['img_s']:.1f} img/s; the "
-            f"pipeline with {best['workers']} worker(s): {best['grain_img_s']:.0f} img/s -> "
+            f"pipeline with {best['workers']} worker(s): {best['stream_img_s']:.0f} img/s -> "
             f"{bound} bounds training here."
         )
 
 
+def print_startup_report(result: dict[str, Any]) -> None:
+    print(f"\nCommand: {result['command']}")
+    print(
+        f"configs/r50_imagenet.py with resnet18 at width 8, batch 32, {result['steps']} steps, "
+        f"stream_workers {result['stream_workers']}; JPEGs of {CROP_SIZE}x{CROP_SIZE}, "
+        f"{os.cpu_count()} cores, load {result['load_avg_1min']:.1f}\n"
+    )
+    print(
+        "| pipeline | train JPEGs | time to first step s | main peak RSS MiB | "
+        "largest child's peak RSS MiB | tree peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(
+            f"| {r['pipeline']} | {r['images']} | {r['first_step_s']:.1f} | "
+            f"{r['main_peak_rss_mib']:.0f} | {r['worker_peak_rss_mib']:.0f} | "
+            f"{r['tree_peak_rss_mib']:.0f} |"
+        )
+    for pipeline, growth in result["growth"].items():
+        print(
+            f"| {pipeline} | **{growth['to']}/{growth['from']}** | "
+            f"**{growth['first_step_s']:.2f}x** | **{growth['main_peak_rss_mib']:.2f}x** | "
+            f"**{growth['worker_peak_rss_mib']:.2f}x** | **{growth['tree_peak_rss_mib']:.2f}x** |"
+        )
+    stream_growth = result["growth"]["stream"]
+    flat = all(abs(stream_growth[key] - 1) <= FLAT for key in GROWTH_KEYS)
+    print(
+        f"\nStream mode {'stays' if flat else 'does NOT stay'} flat within "
+        f"{FLAT:.0%} from {stream_growth['from']} to {stream_growth['to']} train images."
+    )
+
+
+def growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per pipeline, each figure at the largest size over the smallest."""
+    result = {}
+    for pipeline in ("memory", "stream"):
+        mine = sorted((r for r in rows if r["pipeline"] == pipeline), key=lambda r: r["images"])
+        small, large = mine[0], mine[-1]
+        result[pipeline] = {"from": small["images"], "to": large["images"]} | {
+            key: large[key] / small[key] if small[key] else 1.0 for key in GROWTH_KEYS
+        }
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--folder", default="", help="use this folder's train/<class>/*.jpg instead")
-    p.add_argument("--images", type=int, default=1024, help="JPEGs to write (without --folder)")
+    p.add_argument("--folder", default="", help="use this folder (train/ and test/<class>/*.jpg)")
+    p.add_argument("--images", type=int, default=2048, help="JPEGs to write (without --folder)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument(
-        "--read_threads",
-        type=int,
-        default=0,
-        help="grain's read threads per worker (0: the worker's own thread, as torch's workers)",
-    )
     p.add_argument("--rounds", type=int, default=2, help="runs of each side per worker count")
     p.add_argument("--windows", type=int, default=3, help="timed windows per run")
     p.add_argument("--window_batches", type=int, default=2, help="batches per worker per window")
@@ -316,6 +483,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step_batch_size", type=int, default=32)
     p.add_argument("--step_image_size", type=int, default=224)
     p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
+    p.add_argument("--startup", action="store_true", help="measure memory and start-up instead")
+    p.add_argument("--startup_sizes", default="1000,8000", help="train JPEGs per folder")
+    p.add_argument("--startup_steps", type=int, default=3, help="train steps per run")
+    p.add_argument("--startup_workers", type=int, default=2, help="stream mode's workers")
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -323,11 +494,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.images, args.batch_size = 64, 8
         args.rounds, args.windows, args.window_batches = 1, 2, 1
         args.step_model, args.step_batch_size, args.step_image_size = "resnet20", 2, 32
+        args.startup_sizes, args.startup_steps = "64,128", 2
+    args.startup_sizes = [int(size) for size in args.startup_sizes.split(",")]
+    args.workers = [int(workers) for workers in args.workers.split(",")]
     return args
 
 
 def folder_stats(root: Path) -> dict[str, float]:
-    paths, _ = list_folder(root)
+    listing, _ = data.list_folder(root)
+    paths = listing["train"].paths
     sizes = []
     for path in paths:
         with Image.open(path) as image:
@@ -340,31 +515,50 @@ def folder_stats(root: Path) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    flags.FLAGS.mark_as_parsed()  # grain reads its absl flags; this script takes argparse's
-    result: dict[str, Any] = {
-        "command": " ".join(
-            [".venv/bin/python", "experiments/pipeline_benchmark.py", *sys.argv[1:]]
-        ),
-        "batch_size": args.batch_size,
-        "read_threads": args.read_threads,
-        "rows": [],
-    }
-    with tempfile.TemporaryDirectory(prefix="pipeline_benchmark_") as tmp:
-        root = Path(args.folder) if args.folder else Path(tmp)
-        if not args.folder:
-            print(f"... writing {args.images} JPEGs", file=sys.stderr, flush=True)
-            make_jpeg_folder(root, args.images, args.classes)
-        result["folder"] = folder_stats(root)
-        for workers in [int(w) for w in args.workers.split(",")]:
-            result["rows"].append(compare(args, root, workers))
+def throughput(args: argparse.Namespace, result: dict[str, Any], tmp: Path) -> None:
+    """The pipelines at each worker count, then the train step."""
+    root = Path(args.folder) if args.folder else tmp
+    if not args.folder:
+        print(f"... writing {args.images} JPEGs", file=sys.stderr, flush=True)
+        make_jpeg_folder(root, args.images, args.classes)
+    result["folder"] = folder_stats(root)
+    needed = warmup_batches(max(args.workers)) + args.windows * args.window_batches * max(
+        args.workers
+    )
+    if result["folder"]["images"] // args.batch_size < needed:
+        sys.exit(
+            f"One epoch of {result['folder']['images']} images in batches of {args.batch_size} "
+            f"is shorter than the {needed} batches a run reads: write more --images or lower "
+            "--batch_size, --windows or --window_batches."
+        )
+    for workers in args.workers:
+        result["rows"].append(compare(args, root, workers))
     if not args.no_step:
         print(f"... {args.step_model} train step", file=sys.stderr, flush=True)
         result["step"] = train_step_img_s(
             args.step_model, args.step_batch_size, args.step_image_size, args.windows
         )
-    print_report(result)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
+    result: dict[str, Any] = {
+        "command": " ".join(
+            [".venv/bin/python", "experiments/pipeline_benchmark.py", *sys.argv[1:]]
+        ),
+        "batch_size": args.batch_size,
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="pipeline_benchmark_") as tmp:
+        if args.startup:
+            result.update(steps=args.startup_steps, stream_workers=args.startup_workers)
+            result["rows"] = startup_rows(args, Path(tmp))
+            result["growth"] = growth(result["rows"])
+            result["load_avg_1min"] = os.getloadavg()[0]
+        else:
+            throughput(args, result, Path(tmp))
+    (print_startup_report if args.startup else print_report)(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

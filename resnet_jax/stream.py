@@ -38,6 +38,10 @@ from resnet_jax.config_utils import ConfigError
 
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
 MAX_CONSECUTIVE_BAD_FILES = 16
+# Batches each process (a worker, or the main one with no workers) prepares ahead, in one
+# thread: grain's default read-ahead (500 elements on 16 threads) held up to 500 batches per
+# worker, so a worker's memory grew with the dataset up to that many batches.
+READ_AHEAD_BATCHES = 2
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ class StreamBatches:
     """`data.Batches` read from `sources` ({"train", "test", optionally "val"}) while training.
 
     Each epoch (and each evaluation) runs one grain pipeline over this process's examples, in
-    `workers` processes (0: in this one), `workers` batches ahead.
+    `workers` processes (0: in a thread of this one), each READ_AHEAD_BATCHES batches ahead.
     """
 
     def __init__(
@@ -205,7 +209,8 @@ class StreamBatches:
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library caller has none
             flags.FLAGS.mark_as_parsed()
-        pipeline = dataset.to_iter_dataset()
+        read_ahead = grain.ReadOptions(num_threads=1, prefetch_buffer_size=READ_AHEAD_BATCHES)
+        pipeline = dataset.to_iter_dataset(read_ahead)
         if self.workers:
             options = grain.MultiprocessingOptions(num_workers=self.workers)
             pipeline = pipeline.mp_prefetch(options, worker_init_fn=_ignore_keyboard_interrupt)

@@ -1,6 +1,6 @@
-"""experiments/benchmark.py, gpu_benchmark.py and augment_cost.py run end to end at tiny sizes. A
-benchmark is not a test: no timings are checked here, only that every section produces its
-numbers."""
+"""experiments/benchmark.py, gpu_benchmark.py, pipeline_benchmark.py and augment_cost.py run end
+to end at tiny sizes. A benchmark is not a test: no timings are checked here, only that every
+section produces its numbers."""
 
 import json
 import os
@@ -88,10 +88,32 @@ def test_quick_pipeline_benchmark_runs(tmp_path):
     assert result["folder"]["images"] == 64
     assert [row["workers"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
-        for side in ("grain", "torch"):
+        for side in ("stream", "torch"):
             assert row[f"{side}_img_s"] > 0 and row[f"{side}_cpu_ms_per_img"] > 0
         assert row["ratio"] > 0 and f"| {row['workers']} | " in proc.stdout
     assert result["step"]["img_s"] > 0 and "bounds training here" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_startup_benchmark_runs(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(PIPELINE_BENCHMARK), "--quick", "--startup", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["pipeline"], r["images"]) for r in result["rows"]] == [
+        ("memory", 64), ("memory", 128), ("stream", 64), ("stream", 128),
+    ]  # fmt: skip
+    for row in result["rows"]:
+        assert 0 < row["first_step_s"] < row["total_s"]
+        assert 0 < row["main_peak_rss_mib"] <= row["tree_peak_rss_mib"]
+    stream_rows = [r for r in result["rows"] if r["pipeline"] == "stream"]
+    assert all(r["tree_peak_rss_mib"] > r["main_peak_rss_mib"] for r in stream_rows)  # workers
+    assert all(r["worker_peak_rss_mib"] > 0 for r in stream_rows)
+    assert set(result["growth"]) == {"memory", "stream"}
+    assert all(ratio > 0 for growth in result["growth"].values() for ratio in growth.values())
+    assert "**128/64**" in proc.stdout and "flat within 15%" in proc.stdout
 
 
 AUGMENT_COST = BENCHMARK.with_name("augment_cost.py")

@@ -6,6 +6,7 @@ processes, a resumed run, the ImageNet recipe) are in test_stream_training.py.""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,32 @@ def test_batches_follow_memory_modes_order_and_resume_exactly(folder):
         np.testing.assert_array_equal(batch["image"], again["image"])
     other_epoch = next(batches.train_batches(epoch=2))
     assert not np.array_equal(other_epoch["image"], epoch[0]["image"])  # new crops, new order
+
+
+def test_reading_ahead_is_bounded_not_the_epoch(tmp_path):
+    root = jpeg_folder(tmp_path / "images", {"train": {"a": 40}, "test": {"a": 1}}, size=(8, 8))
+    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    read = set()
+    source = batches.sources["train"]
+    batches.sources["train"] = stream.FolderSource(ReadLog(source.paths, read), source.labels)
+    epoch = batches.train_batches(epoch=0)  # 10 batches of 4
+    next(epoch)
+    time.sleep(0.5)  # time for the read-ahead thread to read as far as it may
+    epoch.close()
+    # The batch served, the read-ahead and the one the thread was reading when the buffer filled.
+    assert len(read) <= 4 * (1 + stream.READ_AHEAD_BATCHES + 1)
+
+
+class ReadLog(list):
+    """A list of paths that adds to `read` the index of every path taken from it."""
+
+    def __init__(self, paths, read: set):
+        super().__init__(paths)
+        self.read = read
+
+    def __getitem__(self, i):
+        self.read.add(i)
+        return super().__getitem__(i)
 
 
 def test_evaluation_is_padded_and_masked(folder):
