@@ -3,9 +3,9 @@
 They run in the input pipeline's worker processes on PIL images and return uint8 HWC arrays:
 `decode_image` is torchvision's `default_loader`, `random_resized_crop` is `RandomResizedCrop`
 (the box drawn by `random_resized_crop_box` from a numpy Generator instead of torch's global RNG),
-`resize_center_crop` is `Compose([Resize(256), CenterCrop(224)])` and `horizontal_flip` is
-`RandomHorizontalFlip`. tests/test_transforms.py checks each against torchvision pixel for pixel.
-Normalization is not here: it runs on the device, shared with memory mode.
+`resize_center_crop` is `Compose([Resize(256), CenterCrop(224)])` (`eval_crop` at any size).
+tests/test_transforms.py checks each against torchvision pixel for pixel. The flip and the
+normalization are not here: they run on the device, shared with memory mode.
 """
 
 from __future__ import annotations
@@ -122,8 +122,3 @@ def eval_crop(image: Image.Image, size: int) -> np.ndarray:
     """The evaluation view of an image of any size at `size` x `size`: Resize(size * 256 / 224)
     + CenterCrop(size), torchvision's Resize(256) + CenterCrop(224) at 224."""
     return resize_center_crop(image, round(size * EVAL_RESIZE_RATIO), size)
-
-
-def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
-    """torchvision's `RandomHorizontalFlip(p)` on an HWC array: mirrored with probability `p`."""
-    return image[:, ::-1] if rng.random() < p else image
