@@ -105,6 +105,7 @@ class Batches(Protocol):
     split_sizes: dict[str, int]  # examples of "train", "test" and, if there is one, "val"
     skipped_files: dict[str, str]  # unreadable file -> why, skipped so far (stream mode)
     image_fit: str  # how an image of another size is fitted to image_shape: one of IMAGE_FITS
+    pipeline: str  # "memory" or "stream": the batches differ, so a run keeps its pipeline
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This process's share of each batch of `epoch` from `start_step` on (`train_batches`)."""
@@ -127,6 +128,7 @@ class MemoryBatches:
         self.split_sizes = {name: len(split) for name, split in self._splits().items()}
         self.skipped_files: dict[str, str] = {}  # every image was read on load
         self.image_fit = "resize"  # as image folders are resized on load
+        self.pipeline = "memory"
 
     def _splits(self) -> dict[str, Split]:
         splits = {"train": self.dataset.train, "val": self.dataset.val, "test": self.dataset.test}

@@ -337,6 +337,7 @@ def save(
         "class_names": run.batches.class_names,
         "image_shape": list(run.batches.image_shape),
         "image_fit": run.batches.image_fit,
+        "pipeline": run.batches.pipeline,
         "epoch_train_sums": epoch_train_sums,
         # With the step, all a resumed input needs: its order follows from (seed, epoch, step).
         "skipped_files": dict(run.batches.skipped_files),

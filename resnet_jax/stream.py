@@ -178,6 +178,7 @@ class StreamBatches:
         self.split_sizes = {name: len(source) for name, source in sources.items()}
         self.skipped_files: dict[str, str] = {}
         self.image_fit = "eval_crop"  # what evaluation does to every image
+        self.pipeline = "stream"
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
         import grain

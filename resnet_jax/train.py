@@ -30,6 +30,7 @@ from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
 from resnet_jax.reporting import Reporter
 from resnet_jax.workdir import (
+    check_same_pipeline,
     chosen_weights,
     finished_results,
     log_results,
@@ -92,6 +93,9 @@ def setup(
         config.batch_size, config.optimizer.grad_accumulation_steps, par.num_devices
     )
     batches = builders.load_batches(config)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        check_same_pipeline(checkpoints.meta(latest), batches.pipeline, workdir)
     plan = builders.make_plan(config, batches.split_sizes["train"])
     log_plan(config, batches, plan, par)
 
@@ -102,7 +106,6 @@ def setup(
     new_state = functools.partial(
         builders.create_state, config, model, tx, schedule, preprocess, input_shape
     )
-    latest = checkpoints.latest_step()
     if latest is None:
         state, resumed_step = (
             new_state(builders.pretrained_variables(config, model, input_shape)),

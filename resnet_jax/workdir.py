@@ -109,6 +109,18 @@ def check_run_identity(
         logging.warning("Resuming with changed settings: %s.", "; ".join(changed))
 
 
+def check_same_pipeline(meta: dict[str, Any], pipeline: str, workdir: Path) -> None:
+    """Refuse to resume a run in the other input pipeline: stream mode crops on the host, so its
+    batches differ from memory mode's and the run would not continue as it started."""
+    saved = meta.get("pipeline", "memory")  # checkpoints from before stream mode
+    if saved != pipeline:
+        raise ConfigError(
+            f"The workdir {workdir} holds a run that read its data in {saved} mode, and this "
+            f"config reads it in {pipeline} mode (dataset.pipeline), whose batches differ. Add "
+            f"--config.dataset.pipeline={saved} to resume it, or use a new --workdir."
+        )
+
+
 def finished_results(
     config: ml_collections.ConfigDict, workdir: Path, checkpoints: checkpoint.Checkpoints
 ) -> dict[str, Any] | None:

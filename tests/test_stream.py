@@ -9,12 +9,13 @@ import logging
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from resnet_jax import config_utils, data, stream, transforms
+from resnet_jax import config_utils, data, stream, transforms, workdir
 from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
 from tests.test_data import _refuse_network
 
@@ -58,6 +59,26 @@ def test_batches_follow_memory_modes_order_and_resume_exactly(folder):
         np.testing.assert_array_equal(batch["image"], again["image"])
     other_epoch = next(batches.train_batches(epoch=2))
     assert not np.array_equal(other_epoch["image"], epoch[0]["image"])  # new crops, new order
+
+
+def test_each_process_reads_its_own_slice_of_every_batch(folder, monkeypatch):
+    """Two hosts' shares, stacked, are the one-host batches: each reads only its slice."""
+    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    whole = list(batches.train_batches(epoch=0))
+    whole_test = list(batches.eval_batches("test"))
+    shares, test_shares = [], []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        shares.append(list(batches.train_batches(epoch=0)))
+        test_shares.append(list(batches.eval_batches("test")))
+    for got, parts in ((whole, shares), (whole_test, test_shares)):
+        assert all(len(part) == len(got) for part in parts)
+        for i, batch in enumerate(got):
+            assert all(len(part[i]["label"]) == len(batch["label"]) // 2 for part in parts)
+            for key in batch:
+                stacked = np.concatenate([part[i][key] for part in parts])
+                np.testing.assert_array_equal(stacked, batch[key])
 
 
 def test_reading_ahead_is_bounded_not_the_epoch(tmp_path):
@@ -186,3 +207,12 @@ def test_a_tfds_dataset_streams_from_its_array_record_files(tmp_path, monkeypatc
         for image, label in zip(written.test_images, written.test_labels, strict=True)
     )
     assert got == expected
+
+
+def test_a_run_resumes_only_in_the_pipeline_it_started_in(tmp_path):
+    workdir.check_same_pipeline({"pipeline": "stream"}, "stream", tmp_path)
+    workdir.check_same_pipeline({}, "memory", tmp_path)  # saved before stream mode existed
+    with pytest.raises(config_utils.ConfigError, match=r"--config\.dataset\.pipeline=stream"):
+        workdir.check_same_pipeline({"pipeline": "stream"}, "memory", tmp_path)
+    with pytest.raises(config_utils.ConfigError, match=r"--config\.dataset\.pipeline=memory"):
+        workdir.check_same_pipeline({}, "stream", tmp_path)

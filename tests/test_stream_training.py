@@ -86,7 +86,8 @@ def test_a_stopped_stream_run_resumes_exactly_with_other_workers(folder, cache_d
     # predict brings a photo to the model's size as this run's evaluation did (not a squash).
     checkpoints = checkpoint.Checkpoints(straight / "checkpoints")
     try:
-        assert checkpoints.meta(checkpoints.latest_step())["image_fit"] == "eval_crop"
+        meta = checkpoints.meta(checkpoints.latest_step())
+        assert (meta["image_fit"], meta["pipeline"]) == ("eval_crop", "stream")
     finally:
         checkpoints.close()
     photo = sorted((folder / "test" / "a").iterdir())[0]
