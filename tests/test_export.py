@@ -53,7 +53,8 @@ def test_the_manifest_describes_the_artifact(trained_run, exported_dir):
 
     assert manifest["format"] == export.FORMAT and manifest["format_version"] == 1
     assert manifest["input"] == {
-        "shape": [None, 32, 32, 3], "dtype": "uint8", "layout": "NHWC RGB 0-255"
+        "shape": [None, 32, 32, 3], "dtype": "uint8", "layout": "NHWC RGB 0-255",
+        "fit": "resize",  # a memory-mode run: photos are resized, not centre-cropped
     }  # fmt: skip
     assert manifest["jax_version"] == jax.__version__
     assert manifest["class_names"] == list(CIFAR10_CLASS_NAMES)
