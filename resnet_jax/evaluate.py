@@ -16,6 +16,7 @@ the plain results.json.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,34 @@ def chosen_variables(
     return checkpoints.restore_variables(step, ema=weights == "ema"), weights
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """What evaluate, predict and export read from a checkpoint: which one and why, its meta and
+    config, and the variables of the weights the run reports ("ema" or "raw")."""
+
+    step: int
+    why: str
+    meta: dict[str, Any]
+    config: ml_collections.ConfigDict
+    variables: dict[str, Any]
+    weights: str
+
+
+def load_saved_run(
+    workdir: str | None, checkpoint_path: str | None, data_dir: str | None = None
+) -> SavedRun:
+    """The checkpoint `find_checkpoint` picks, with its config (data_dir overridden if given) and
+    the variables `chosen_variables` picks."""
+    checkpoints, step, why = find_checkpoint(workdir, checkpoint_path)
+    try:
+        meta = checkpoints.meta(step)
+        config = saved_config(meta, data_dir)
+        variables, weights = chosen_variables(checkpoints, step, config)
+    finally:
+        checkpoints.close()
+    return SavedRun(step, why, meta, config, variables, weights)
+
+
 def eval_state(
     config: ml_collections.ConfigDict,
     variables: dict[str, Any],
@@ -138,18 +167,13 @@ def evaluate_checkpoint(
     """
     if tta != "none" and tta not in TTA:
         raise ConfigError(f"Unknown --tta {tta!r}: use none or {' or '.join(TTA)}.")
-    checkpoints, step, why = find_checkpoint(workdir, checkpoint_path)
-    try:
-        meta = checkpoints.meta(step)
-        config = saved_config(meta, data_dir)
-        variables, weights = chosen_variables(checkpoints, step, config)
-    finally:
-        checkpoints.close()
+    run = load_saved_run(workdir, checkpoint_path, data_dir)
+    config, step, why, weights = run.config, run.step, run.why, run.weights
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
     batches = builders.load_batches(config, eval_batch_size=batch_size)
-    state = eval_state(config, variables, len(batches.class_names), batches.image_shape)
+    state = eval_state(config, run.variables, len(batches.class_names), batches.image_shape)
     if tta != "none":
         state = state.replace(apply_fn=TTA[tta](state.apply_fn))
     state = par.place_state(state)
@@ -163,7 +187,7 @@ def evaluate_checkpoint(
         **loop.summarize_test(evaluation, batches.class_names),
         "weights": weights,
         "checkpoint_step": step,
-        "checkpoint_epoch": meta["epoch"],
+        "checkpoint_epoch": run.meta["epoch"],
         "checkpoint_selection": why,
         "model": config.model.name,
         "dataset": config.dataset.name,

@@ -63,16 +63,11 @@ def export_checkpoint(
             "first; exports never overwrite."
         )
     files.check_writable(output.parent, "--output's parent directory")
-    checkpoints, step, why = evaluate.find_checkpoint(workdir, checkpoint_path)
-    try:
-        meta = checkpoints.meta(step)
-        config = evaluate.saved_config(meta, data_dir=None)
-        variables, weights = evaluate.chosen_variables(checkpoints, step, config)
-    finally:
-        checkpoints.close()
+    run = evaluate.load_saved_run(workdir, checkpoint_path)
+    config, meta = run.config, run.meta
     config.model.kernels = "xla"  # plain XLA ops lower for every platform
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
-    state = evaluate.eval_state(config, variables, len(class_names), image_shape)
+    state = evaluate.eval_state(config, run.variables, len(class_names), image_shape)
 
     def logits(images: jax.Array) -> jax.Array:
         return state.apply_fn(state.variables, state.preprocess(images, None), train=False)
@@ -99,9 +94,9 @@ def export_checkpoint(
         "class_names": class_names,
         "model": config.model.name,
         "dataset": config.dataset.name,
-        "checkpoint_step": step,
-        "checkpoint_selection": why,
-        "weights": weights,  # "ema" or "raw", as the run's results.json reports
+        "checkpoint_step": run.step,
+        "checkpoint_selection": run.why,
+        "weights": run.weights,  # "ema" or "raw", as the run's results.json reports
     }
     _write_new_directory(output, artifact, manifest)
     return manifest

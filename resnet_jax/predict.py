@@ -62,16 +62,10 @@ def predict(
 ) -> list[list[tuple[str, float]]]:
     """For each image, the `top_k` (class name, probability) pairs, most likely first."""
     check_request(image_paths, top_k)
-    checkpoints, step, _ = evaluate.find_checkpoint(workdir, checkpoint_path)
-    try:
-        meta = checkpoints.meta(step)
-        config = evaluate.saved_config(meta, data_dir=None)
-        variables, _ = evaluate.chosen_variables(checkpoints, step, config)
-    finally:
-        checkpoints.close()
-    class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
-    images = load_images(image_paths, image_shape, meta.get("image_fit", "resize"))
-    state = evaluate.eval_state(config, variables, len(class_names), image_shape)
+    run = evaluate.load_saved_run(workdir, checkpoint_path)
+    class_names, image_shape = run.meta["class_names"], tuple(run.meta["image_shape"])
+    images = load_images(image_paths, image_shape, run.meta.get("image_fit", "resize"))
+    state = evaluate.eval_state(run.config, run.variables, len(class_names), image_shape)
     return top_classes(np.asarray(_probabilities(state, images)), class_names, top_k)
 
 
