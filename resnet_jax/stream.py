@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from resnet_jax import data, transforms
+from resnet_jax import data, tfds_data, transforms
 from resnet_jax.config_utils import ConfigError
 
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
@@ -290,11 +290,11 @@ def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], li
 
     options = config.dataset
     data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
-    builder = data.prepared_tfds_builder(
+    builder = tfds_data.prepared_tfds_builder(
         options.name, data_dir, options.verify_checksums, file_format="array_record"
     )
     sources = {}
-    for ours, theirs in data.tfds_split_names(builder).items():
+    for ours, theirs in tfds_data.tfds_split_names(builder).items():
         try:
             records = builder.as_data_source(
                 split=theirs, decoders={"image": tfds.decode.SkipDecoding()}
@@ -357,7 +357,7 @@ def _train_split_size(
                 size = (first.height, first.width)
         return len(paths), size
     data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
-    info = data.tfds_builder(options.name, data_dir).info
+    info = tfds_data.tfds_builder(options.name, data_dir).info
     shape = info.features["image"].shape
     if size is None and None not in shape[:2]:
         size = tuple(shape[:2])

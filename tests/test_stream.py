@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from resnet_jax import config_utils, data, stream, transforms, workdir
+from resnet_jax import config_utils, data, stream, tfds_data, transforms, workdir
 from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
 from tests.test_data import _refuse_network
 
@@ -171,7 +171,7 @@ def test_folder_problems_are_explained(tmp_path, layout, fragments):
 @pytest.mark.tfds
 def test_imagenet_names_the_archives_to_download_by_hand(tmp_path):
     with pytest.raises(data.DataError) as error:
-        data.prepared_tfds_builder("imagenet2012", str(tmp_path), verify_checksums=True)
+        tfds_data.prepared_tfds_builder("imagenet2012", str(tmp_path), verify_checksums=True)
     message = str(error.value)
     for fragment in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "downloads/manual"):
         assert fragment in message
