@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/r50.py
 WORKDIR ?= workdir/$(basename $(notdir $(CONFIG)))
 ARGS ?=
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: setup train test test-fast lint format bench bench-pipeline clean
 

@@ -374,11 +374,13 @@ def has_step_record(metrics: Path) -> bool:
 
 
 def startup_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    """Each pipeline at each size, after one untimed run that fills the compilation cache."""
+    """Each pipeline at each size, after one untimed run that fills the compilation cache (not
+    with --quick, whose figures only prove the script runs)."""
     folders = write_startup_folders(root, args.startup_sizes, args.classes)
     cache_dir, rows = root / "jax_cache", []
+    warm_up = [] if args.quick else [("warm-up", min(folders))]
     for pipeline in ("memory", "stream"):
-        runs = [("warm-up", min(folders)), *((size, size) for size in sorted(folders))]
+        runs = [*warm_up, *((size, size) for size in sorted(folders))]
         for name, size in runs:
             print(f"... {pipeline}, {size} JPEGs ({name})", file=sys.stderr, flush=True)
             workdir = root / f"run_{pipeline}_{size}_{name}"
