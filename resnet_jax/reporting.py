@@ -15,14 +15,20 @@ step shows once. Whole files are replaced atomically (`files`), and a file that 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+import os
+import socket
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from tensorboard.compat.proto import event_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from resnet_jax import files
 
@@ -32,6 +38,7 @@ RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 EVENTS_GLOB = "events.out.tfevents.*"
+_EVENT_FILE_NUMBERS = itertools.count(1)
 
 
 class Reporter:
@@ -47,21 +54,11 @@ class Reporter:
             self._open_tensorboard()
 
     def _open_tensorboard(self) -> None:
-        from tensorboard.summary import Writer
-
         with self._writing_events():
-            self._tensorboard = Writer(str(self.workdir))
+            self._tensorboard = EventFile(self.workdir)
 
-    @contextlib.contextmanager
-    def _writing_events(self) -> Iterator[None]:
-        # TensorBoard writes through TensorFlow's file layer when TensorFlow is installed, whose
-        # errors (tf.errors.*) are not OSErrors.
-        try:
-            yield
-        except Exception as error:
-            if isinstance(error, OSError) or type(error).__module__.startswith("tensorflow"):
-                raise files.write_error(f"TensorBoard events in {self.workdir}", error) from None
-            raise
+    def _writing_events(self) -> contextlib.AbstractContextManager[None]:
+        return files.explain_write_errors(f"TensorBoard events in {self.workdir}")
 
     def write_config(self, config_json: str) -> None:
         """config.json: the resolved config of this (latest) invocation."""
@@ -102,7 +99,7 @@ class Reporter:
         with self._writing_events():
             for key, value in record.items():
                 if key not in ("step", "epoch", "record") and isinstance(value, int | float):
-                    self._tensorboard.add_scalar(prefix + key, value, step=record["step"])
+                    self._tensorboard.add_scalar(prefix + key, value, record["step"])
 
     def plot_curves(self) -> None:
         """curves.png: loss and accuracy (train and evaluation) and the learning rate by epoch."""
@@ -119,6 +116,36 @@ class Reporter:
             writer, self._tensorboard = self._tensorboard, None
             with self._writing_events():
                 writer.close()
+
+
+class EventFile:
+    """One TensorBoard event file of scalars, in tensorboard's record format and protos, written
+    with Python's file I/O: tensorboard's own writer goes through TensorFlow's file layer whenever
+    TensorFlow is installed, and importing it would cost a run seconds and ~600 MB."""
+
+    def __init__(self, directory: Path):
+        # The number tells apart the files one process opens within a second (a resume).
+        name = (
+            f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}."
+            f"{next(_EVENT_FILE_NUMBERS)}"
+        )
+        self._records = RecordWriter(open(directory / name, "wb"))  # noqa: SIM115 (close())
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        event = event_pb2.Event(wall_time=time.time(), step=step)
+        event.summary.value.add(tag=tag, simple_value=value)
+        self._write(event)
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
 
 
 def write_results(results: dict[str, Any], json_path: Path, confusion_png: Path) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 from resnet_jax import builders, checkpoint, config_utils, convert, files, models, reporting
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, run_module, subprocess_env
@@ -61,12 +62,12 @@ def test_a_full_disk_at_start_up_is_explained_and_leaves_no_checkpoints_dir(
     trained_run, tiny_overrides, tmp_path
 ):
     del trained_run  # it prepares the dataset: preparing it needs space, loading it none
-    # 64 bytes: the lock file's line fits, TensorBoard's first event does not.
+    # 64 bytes: the lock file's line and TensorBoard's first event fit, config.json does not.
     done = run_with_a_full_disk(
         "resnet_jax.train", *tiny_overrides, f"--workdir={tmp_path}", limit_bytes=64
     )
     assert_explained(
-        done.returncode, done.stderr, f"Cannot write TensorBoard events in {tmp_path}",
+        done.returncode, done.stderr, f"Cannot write {tmp_path / 'config.json'}",
         "File too large", "Free disk space",
     )  # fmt: skip
     assert not (tmp_path / "checkpoints").exists()
@@ -233,6 +234,25 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     resumed.close()
     assert scalar_steps(tmp_path) == {"train_loss": list(range(1, 9))}
     assert [r["step"] for r in reporting.read_metrics(tmp_path)] == list(range(1, 9))
+
+
+def test_tensorboard_events_are_written_without_importing_tensorflow(tmp_path):
+    # tensorboard's own writer imports TensorFlow (seconds, ~600 MB) where it is installed.
+    write = (
+        "import sys; from resnet_jax import reporting; "
+        f"reporter = reporting.Reporter({str(tmp_path)!r}); "
+        "reporter.write({'record': 'step', 'step': 5, 'train_loss': 0.25}); reporter.close(); "
+        "print('tensorflow' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", write], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-3000:]
+    (events,) = tmp_path.glob(reporting.EVENTS_GLOB)
+    values = [(e.step, v.tag, float(tensor_util.make_ndarray(v.tensor)))
+              for e in EventFileLoader(str(events)).Load() for v in e.summary.value]  # fmt: skip
+    assert values == [(5, "train_loss", 0.25)]
 
 
 # --- A frozen layer that the pretrained weights do not cover --------------------------------------
