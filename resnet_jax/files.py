@@ -25,7 +25,7 @@ class WriteError(ValueError):
 
 
 def write_error(path: str | Path, error: BaseException) -> WriteError:
-    """`error` (an OSError, or TensorFlow's for the TensorBoard writer) explained for `path`."""
+    """`error` (an OSError, or TensorFlow's while tfds prepares a dataset) explained for `path`."""
     reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
     reason = " ".join(str(reason).split())
     if len(reason) > 300:  # long library messages end with the cause: "...; File too large"

@@ -121,7 +121,7 @@ class Reporter:
 class EventFile:
     """One TensorBoard event file of scalars, in tensorboard's record format and protos, written
     with Python's file I/O: tensorboard's own writer goes through TensorFlow's file layer whenever
-    TensorFlow is installed, and importing it would cost a run seconds and ~600 MB."""
+    TensorFlow is installed, and importing it costs a run seconds and ~450 MB."""
 
     def __init__(self, directory: Path):
         # The number tells apart the files one process opens within a second (a resume).
