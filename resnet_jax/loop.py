@@ -23,12 +23,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from resnet_jax import checkpoint, data, metrics, optim, parallel, profiling
 from resnet_jax import train_state as ts
 from resnet_jax.builders import REFERENCE_BATCH_SIZE, Plan, peak_learning_rate
-from resnet_jax.reporting import Reporter
+from resnet_jax.reporting import Progress, Reporter
 from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
 
@@ -106,9 +105,14 @@ class TrainMetrics:
     """Training metrics of the steps since the last log, left on the device until `flush`."""
 
     def __init__(
-        self, fetch: Any, reporter: Reporter, plan: Plan, bar: tqdm, skipped_files: dict[str, str]
+        self,
+        fetch: Any,
+        reporter: Reporter,
+        plan: Plan,
+        progress: Progress,
+        skipped_files: dict[str, str],
     ):
-        self._fetch, self._reporter, self._plan, self._bar = fetch, reporter, plan, bar
+        self._fetch, self._reporter, self._plan, self._progress = fetch, reporter, plan, progress
         self._skipped_files = skipped_files  # the input's, growing as it meets unreadable files
         self._pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
@@ -154,13 +158,7 @@ class TrainMetrics:
             "skipped_files": len(self._skipped_files),
         }
         self._reporter.write(record)
-        self._bar.set_postfix(
-            loss=f"{record['train_loss']:.4f}",
-            acc=f"{record['train_accuracy']:.2%}",
-            lr=f"{record['learning_rate']:.3g}",
-            img_s=f"{images_per_second:,.0f}",
-            refresh=False,
-        )
+        self._progress.show(record)
 
     def epoch_means(self) -> dict[str, float]:
         steps = max(self.epoch_sums["steps"], 1)
@@ -199,11 +197,10 @@ def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
     resumed = run.checkpoints.meta(first_step) if first_step else {}
     resumed_sums = resumed.get("epoch_train_sums")
     run.batches.skipped_files.update(resumed.get("skipped_files") or {})
-    bar = tqdm(
-        total=plan.total_steps, initial=first_step, unit="step", dynamic_ncols=True,
-        mininterval=1.0, disable=not parallel.is_main_process(),
-    )  # fmt: skip
-    train_metrics = TrainMetrics(run.par.fetch, run.reporter, plan, bar, run.batches.skipped_files)
+    progress = Progress(plan.total_steps, first_step, enabled=parallel.is_main_process())
+    train_metrics = TrainMetrics(
+        run.par.fetch, run.reporter, plan, progress, run.batches.skipped_files
+    )
     trace = profiling.StepTrace.for_run(run.config, run.workdir)
     try:
         for epoch in range(first_step // plan.steps_per_epoch, plan.num_epochs):
@@ -216,21 +213,21 @@ def train(run: Run, state: ts.TrainState, stop: StopSignal) -> ts.TrainState:
                 continue  # finished (and evaluated) before a restart
             mid_epoch = steps.start > epoch_start
             train_metrics.start_epoch(resumed_sums if mid_epoch else None)
-            bar.set_description(f"epoch {epoch + 1}/{plan.num_epochs}")
+            progress.start_epoch(epoch, plan.num_epochs)
             state, stopped_at = train_epoch(
-                run, state, epoch, steps, train_metrics, bar, stop, trace
+                run, state, epoch, steps, train_metrics, progress, stop, trace
             )
             if stopped_at is not None:
                 save(run, state, epoch, epoch_train_sums=train_metrics.epoch_sums)
                 raise Interrupted(stop.signum, stopped_at)
-            end_epoch(run, state, epoch, train_metrics.epoch_means(), stop)
+            end_epoch(run, state, epoch, train_metrics.epoch_means(), stop, progress)
     except LossNotFinite as bad:
         run.checkpoints.wait()
         message = diverged_message(bad, run.config, run.checkpoints.latest_step(), plan)
         raise DivergedError(message, epoch=diverged_epoch(bad, plan)) from None
     finally:
         trace.close()
-        bar.close()
+        progress.close()
     return state
 
 
@@ -240,7 +237,7 @@ def train_epoch(
     epoch: int,
     steps: range,
     train_metrics: TrainMetrics,
-    bar: tqdm,
+    progress: Progress,
     stop: StopSignal,
     trace: profiling.StepTrace,
 ) -> tuple[ts.TrainState, int | None]:
@@ -254,7 +251,7 @@ def train_epoch(
         state, step_metrics = run.train_step(state, batch)
         trace.after(step, state)
         train_metrics.add(step, step_metrics)
-        bar.update(1)
+        progress.step()
         log_now = (step + 1) % run.config.log_every_steps == 0
         if log_now:
             train_metrics.flush()
@@ -266,7 +263,12 @@ def train_epoch(
 
 
 def end_epoch(
-    run: Run, state: ts.TrainState, epoch: int, train_means: dict[str, float], stop: StopSignal
+    run: Run,
+    state: ts.TrainState,
+    epoch: int,
+    train_means: dict[str, float],
+    stop: StopSignal,
+    progress: Progress,
 ) -> None:
     """Evaluate (the EMA weights too, if any), record and log the epoch; checkpoint it when due
     (or stopping, or last)."""
@@ -290,7 +292,7 @@ def end_epoch(
         record[f"ema_{split}_accuracy"] = evaluations["ema"]["accuracy"]
     run.reporter.write(record)
     run.reporter.plot_curves()
-    with tqdm.external_write_mode():
+    with progress.external_write():
         logging.info(
             "Epoch %d/%d (step %d): train loss %.4f, accuracy %.2f%%; %s loss %.4f, accuracy "
             "%.2f%%.",

@@ -20,15 +20,18 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 from matplotlib.figure import Figure
 from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+from tqdm import tqdm
 
 from resnet_jax import files
 
@@ -116,6 +119,53 @@ class Reporter:
             writer, self._tensorboard = self._tensorboard, None
             with self._writing_events():
                 writer.close()
+
+
+class Progress:
+    """Where a person follows the training steps: a tqdm bar when stderr is a terminal; otherwise
+    (a log file under nohup, a notebook's captured output) one log line per logged step, since a
+    bar's every redraw would be a line of its own there. Silent when not `enabled`."""
+
+    def __init__(self, total_steps: int, first_step: int, *, enabled: bool = True):
+        on_terminal = sys.stderr.isatty()
+        self._total, self._lines = total_steps, enabled and not on_terminal
+        self._bar = tqdm(
+            total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
+            mininterval=1.0, disable=not (enabled and on_terminal),
+        )  # fmt: skip
+        self._epoch = ""
+
+    def start_epoch(self, epoch: int, num_epochs: int) -> None:
+        """Name the epoch being trained (0-based `epoch`)."""
+        self._epoch = f"epoch {epoch + 1}/{num_epochs}"
+        self._bar.set_description(self._epoch)
+
+    def step(self) -> None:
+        """One more step done."""
+        self._bar.update(1)
+
+    def show(self, record: dict[str, Any]) -> None:
+        """A step record's figures: on the bar, or as one log line."""
+        loss, accuracy = record["train_loss"], record["train_accuracy"]
+        rate, speed = record["learning_rate"], record["images_per_second"]
+        if self._lines:
+            logging.info(
+                "Step %d/%d (%s): train loss %.4f, accuracy %.2f%%, learning rate %.3g, %.0f "
+                "images/s.",
+                record["step"], self._total, self._epoch, loss, 100 * accuracy, rate, speed,
+            )  # fmt: skip
+            return
+        self._bar.set_postfix(
+            loss=f"{loss:.4f}", acc=f"{accuracy:.2%}", lr=f"{rate:.3g}", img_s=f"{speed:,.0f}",
+            refresh=False,
+        )  # fmt: skip
+
+    def external_write(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which other lines are written without breaking the bar."""
+        return tqdm.external_write_mode()
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class EventFile:

@@ -4,6 +4,7 @@ predict, and what a mistake looks like. Each runs in a subprocess on the tiny fa
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, reporting
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, run_module, subprocess_env
 from tests.fake_cifar import CIFAR10_CLASS_NAMES
 
@@ -96,6 +97,38 @@ def test_training_writes_every_output(trained_run):
         best["epoch"],
         best["step"],
     )
+
+
+def test_a_log_file_gets_one_line_per_logged_step_and_no_progress_bar(trained_run):
+    # The run's stderr went to a pipe, as `nohup ... > log` sends it to a file.
+    log = trained_run["stderr"]
+    lines = re.findall(r"Step (\d+)/18 \(epoch \d/2\): train loss [\d.]+, accuracy", log)
+    assert [int(step) for step in lines] == [4, 8, 9, 12, 16, 18]
+    assert "\r" not in log and "step/s" not in log
+
+
+def test_on_a_terminal_the_steps_show_on_a_progress_bar_instead(monkeypatch, capsys, caplog):
+    record = {"step": 4, "train_loss": 1.5, "train_accuracy": 0.25, "learning_rate": 0.1}
+    record["images_per_second"] = 100.0
+
+    def show_four_steps() -> None:
+        progress = reporting.Progress(total_steps=10, first_step=0)
+        progress.start_epoch(0, 1)
+        for _ in range(4):
+            progress.step()
+        progress.show(record)
+        progress.close()
+
+    with caplog.at_level(logging.INFO, logger="absl"):
+        show_four_steps()  # not a terminal: a log line
+        assert "Step 4/10 (epoch 1/1): train loss 1.5000, accuracy 25.00%" in caplog.text
+        caplog.clear()
+        capsys.readouterr()
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        show_four_steps()
+
+    assert "Step 4/10" not in caplog.text
+    assert re.search(r"epoch 1/1: .*4/10.*loss=1\.5000", capsys.readouterr().err)
 
 
 def test_rerunning_a_finished_run_only_reports(trained_run):
