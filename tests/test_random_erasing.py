@@ -1,5 +1,5 @@
-"""Tests for random erasing (augment.random_erasing, timm's RandomErasing with one box) and
-through make_preprocess."""
+"""Tests for random erasing (augment.random_erasing, timm's RandomErasing with one box), through
+make_preprocess and the augment.random_erasing* config keys."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import augment
+from resnet_jax import augment, builders, config_utils
 
 TIMM = {"min_area": 0.02, "max_area": 1 / 3, "min_aspect": 0.3}  # timm's defaults
 ZHONG = {"min_area": 0.02, "max_area": 0.4, "min_aspect": 0.3}  # Zhong et al.'s Fashion-MNIST
@@ -219,3 +219,49 @@ def test_make_preprocess_checks_the_erasing_settings():
             augment.make_preprocess(mean=MEAN, std=STD, **bad)
     with pytest.raises(ValueError, match="erasing_mode must be one of const, rand, pixel"):
         augment.make_preprocess(mean=MEAN, std=STD, erasing_mode="zero")
+
+
+def test_erasing_keys_are_built_validated_and_logged_when_ignored(caplog):
+    config = config_utils.resolve(
+        {"augment": {"random_erasing": 0.5, "random_erasing_max_area": 0.4}}
+    )
+    preprocess, _ = builders.build_preprocess(config, (SIZE, SIZE, 3))
+    assert (preprocess.erasing_prob, preprocess.erasing_max_area) == (0.5, 0.4)
+    assert (preprocess.erasing_min_area, preprocess.erasing_min_aspect) == (0.02, 0.3)
+    assert preprocess.erasing_mode == "const"
+    default, _ = builders.build_preprocess(config_utils.resolve({}), (SIZE, SIZE, 3))
+    assert default == augment.make_preprocess(mean=MEAN, std=STD)  # off by default
+
+    ignored = config_utils.resolve({"augment": {"random_erasing_mode": "pixel"}})
+    with caplog.at_level("WARNING"):
+        builders.build_preprocess(ignored, (SIZE, SIZE, 3))
+    assert (
+        "Ignoring augment.random_erasing_mode: random erasing is off (augment.random_erasing = 0)"
+        in caplog.text
+    )
+
+    bad = {
+        "random_erasing": 1.5,
+        "random_erasing_min_area": 0.0,
+        "random_erasing_min_aspect": 2.0,
+        "random_erasing_mode": "zero",
+    }
+    with pytest.raises(config_utils.ConfigError, match="The config has 4 problems") as info:
+        config_utils.resolve({"augment": bad})
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in (
+        "augment.random_erasing = 1.5 must be in [0, 1] (0 = off)",
+        "augment.random_erasing_min_area = 0.0 must be in (0, 1]",
+        "augment.random_erasing_min_aspect = 2.0 must be in (0, 1]",
+        "augment.random_erasing_mode = 'zero' is not one of: 'const', 'rand', 'pixel'",
+    ):
+        assert fragment in message
+    with pytest.raises(config_utils.ConfigError, match="The config has 1 problem: ") as info:
+        config_utils.resolve(
+            {"augment": {"random_erasing_min_area": 0.5, "random_erasing_max_area": 0.3}}
+        )
+    assert (
+        "augment.random_erasing_min_area = 0.5 is larger than augment.random_erasing_max_area = "
+        "0.3: the erased area is drawn between them, so set min_area <= max_area"
+    ) in str(info.value)
