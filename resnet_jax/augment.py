@@ -9,6 +9,7 @@ call (rng=None at evaluation: no random op, only the deterministic resize and no
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -108,9 +109,60 @@ def cutout(rng: jax.Array, image: jax.Array, size: int) -> jax.Array:
     return jnp.where(inside, jnp.zeros_like(image), image)
 
 
+# Random erasing's fills: 0 (the mean, after normalization), one normal(0, 1) value per channel,
+# or one per pixel and channel (timm's modes).
+ERASING_MODES = ("const", "rand", "pixel")
+ERASING_ATTEMPTS = 10  # boxes drawn per image; timm and torchvision try 10 times for one that fits
+
+
+def random_erasing(
+    rng: jax.Array,
+    image: jax.Array,
+    probability: float,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    mode: str = "const",
+) -> jax.Array:
+    """With `probability`, fills one random box of an HWC image, as timm's RandomErasing.
+
+    The box's area is U(min_area, max_area) x the image's, its aspect (height / width)
+    log-uniform in [min_aspect, 1 / min_aspect], its sides rounded to pixels; of
+    ERASING_ATTEMPTS such boxes the first smaller than the image in both sides is placed
+    uniformly inside it, and nothing is erased if none is. `mode` is one of ERASING_MODES.
+    """
+    height, width, channels = image.shape
+    apply_rng, area_rng, aspect_rng, offset_rng, fill_rng = jax.random.split(rng, 5)
+    shape = (ERASING_ATTEMPTS,)
+    areas = jax.random.uniform(area_rng, shape, minval=min_area, maxval=max_area) * height * width
+    log_min_aspect = math.log(min_aspect)  # aspects are log-uniform, symmetric about 1
+    aspects = jnp.exp(
+        jax.random.uniform(aspect_rng, shape, minval=log_min_aspect, maxval=-log_min_aspect)
+    )
+    box_heights = jnp.round(jnp.sqrt(areas * aspects)).astype(jnp.int32)
+    box_widths = jnp.round(jnp.sqrt(areas / aspects)).astype(jnp.int32)
+    fits = (box_heights < height) & (box_widths < width)
+    first = jnp.argmax(fits)  # the first box that fits (0 if none does: then `erase` is False)
+    box_height, box_width = box_heights[first], box_widths[first]
+    erase = jax.random.bernoulli(apply_rng, probability) & fits[first]
+    max_offsets = jnp.array([height - box_height, width - box_width])
+    top, left = jax.random.randint(offset_rng, (2,), 0, max_offsets + 1)
+    rows = jnp.arange(height)[:, None, None]
+    cols = jnp.arange(width)[None, :, None]
+    bottom, right = top + box_height, left + box_width
+    inside = erase & (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    if mode == "pixel":
+        fill = jax.random.normal(fill_rng, image.shape, image.dtype)
+    elif mode == "rand":
+        fill = jax.random.normal(fill_rng, (1, 1, channels), image.dtype)
+    else:
+        fill = jnp.zeros((1, 1, channels), image.dtype)
+    return jnp.where(inside, fill, image)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """`preprocess(images, rng=None)`: augment (given an rng), resize, normalize to float32.
+    """`preprocess(images, rng=None)`: augment (given an rng), resize, normalize to float32, erase.
 
     A frozen dataclass rather than a closure so that equal settings compare and hash equal, which
     lets it sit in a static field of the train state without forcing a recompile.
@@ -130,10 +182,19 @@ class Preprocess:
     policy: str = "none"
     policy_num_ops: int = 2
     policy_magnitude: int = 9
+    erasing_prob: float = 0.0
+    erasing_min_area: float = 0.02
+    erasing_max_area: float = 1 / 3
+    erasing_min_aspect: float = 0.3
+    erasing_mode: str = "const"
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """uint8 or float NHWC images in [0, 255] -> float32 normalized NHWC images."""
         images = images.astype(jnp.float32)
+        erasing_rng = None
+        if rng is not None and self.erasing_prob:
+            # A key split off only when erasing is on, so that runs without it draw as before.
+            rng, erasing_rng = jax.random.split(rng)
         if rng is not None:
             rngs = jax.random.split(rng, images.shape[0])
             images = jax.vmap(self._augment)(rngs, images)
@@ -144,7 +205,12 @@ class Preprocess:
             batch, _, _, channels = images.shape
             shape = (batch, self.resize_to, self.resize_to, channels)
             images = jax.image.resize(images, shape, method="bilinear")
-        return normalize(images, self.mean, self.std)
+        images = normalize(images, self.mean, self.std)
+        if erasing_rng is not None:
+            # After normalization, as timm and torchvision's references: "const" fills the mean.
+            rngs = jax.random.split(erasing_rng, images.shape[0])
+            images = jax.vmap(self._erase)(rngs, images)
+        return images
 
     def _trains_at_crop_size(self, size: tuple[int, int]) -> bool:
         return bool(self.crop_size) and not self.resize_crop and size != (self.crop_size,) * 2
@@ -176,6 +242,17 @@ class Preprocess:
             image = cutout(cutout_rng, image, self.cutout_size)
         return image
 
+    def _erase(self, rng: jax.Array, image: jax.Array) -> jax.Array:
+        return random_erasing(
+            rng,
+            image,
+            self.erasing_prob,
+            self.erasing_min_area,
+            self.erasing_max_area,
+            self.erasing_min_aspect,
+            self.erasing_mode,
+        )
+
 
 def make_preprocess(
     *,
@@ -193,6 +270,11 @@ def make_preprocess(
     policy: str = "none",
     policy_num_ops: int = 2,
     policy_magnitude: int = 9,
+    erasing_prob: float = 0.0,
+    erasing_min_area: float = 0.02,
+    erasing_max_area: float = 1 / 3,
+    erasing_min_aspect: float = 0.3,
+    erasing_mode: str = "const",
 ) -> Preprocess:
     """The preprocessing for the train and eval steps.
 
@@ -205,7 +287,8 @@ def make_preprocess(
     smaller than the image is resized back to the image size if `resize_crop`; otherwise the
     model trains at `crop_size` and evaluation takes the centre crop of that size. Then, with or
     without an rng, a bilinear resize to `resize_to` (e.g. 224 for ImageNet-pretrained nets on
-    CIFAR) and normalization with `mean` and `std`.
+    CIFAR) and normalization with `mean` and `std`. Last, with an rng, random erasing of one box
+    with probability `erasing_prob` (0 = off; see `random_erasing` for the other settings).
     """
     if crop_padding < 0 or (crop_size is not None and crop_size <= 0) or rotation < 0:
         raise ValueError(
@@ -224,6 +307,20 @@ def make_preprocess(
             f"policy_num_ops must be >= 0 and policy_magnitude in [0, "
             f"{autoaugment.NUM_MAGNITUDE_BINS - 1}], got {policy_num_ops} and {policy_magnitude}"
         )
+    if not (
+        0 <= erasing_prob <= 1
+        and 0 < erasing_min_area <= erasing_max_area <= 1
+        and 0 < erasing_min_aspect <= 1
+    ):
+        raise ValueError(
+            f"erasing_prob must be in [0, 1], 0 < erasing_min_area <= erasing_max_area <= 1 and "
+            f"erasing_min_aspect in (0, 1], got {erasing_prob}, {erasing_min_area}, "
+            f"{erasing_max_area} and {erasing_min_aspect}"
+        )
+    if erasing_mode not in ERASING_MODES:
+        raise ValueError(
+            f"erasing_mode must be one of {', '.join(ERASING_MODES)}, got {erasing_mode!r}"
+        )
     return Preprocess(
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
@@ -239,6 +336,11 @@ def make_preprocess(
         policy=policy,
         policy_num_ops=policy_num_ops,
         policy_magnitude=policy_magnitude,
+        erasing_prob=float(erasing_prob),
+        erasing_min_area=float(erasing_min_area),
+        erasing_max_area=float(erasing_max_area),
+        erasing_min_aspect=float(erasing_min_aspect),
+        erasing_mode=erasing_mode,
     )
 
 

@@ -161,6 +161,17 @@ def build_preprocess(
             ("randaugment_num_ops", "randaugment_magnitude"),
             f"augment.policy is {options.policy!r}, not 'randaugment'",
         )
+    if not options.random_erasing:
+        log_ignored_augment_keys(
+            config,
+            (
+                "random_erasing_min_area",
+                "random_erasing_max_area",
+                "random_erasing_min_aspect",
+                "random_erasing_mode",
+            ),
+            "random erasing is off (augment.random_erasing = 0)",
+        )
     mean, std = normalization_stats(config)
     preprocess = augment.make_preprocess(
         mean=mean,
@@ -177,6 +188,11 @@ def build_preprocess(
         policy=options.policy,
         policy_num_ops=options.randaugment_num_ops,
         policy_magnitude=options.randaugment_magnitude,
+        erasing_prob=options.random_erasing,
+        erasing_min_area=options.random_erasing_min_area,
+        erasing_max_area=options.random_erasing_max_area,
+        erasing_min_aspect=options.random_erasing_min_aspect,
+        erasing_mode=options.random_erasing_mode,
     )
     images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.uint8)
     return preprocess, jax.eval_shape(preprocess, images).shape

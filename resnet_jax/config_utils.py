@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "augment.normalization": NORMALIZATIONS,
     "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
     "augment.policy": autoaugment.POLICIES,
+    "augment.random_erasing_mode": augment.ERASING_MODES,
     "optimizer.name": optim.OPTIMIZER_NAMES,
     "schedule.name": optim.SCHEDULE_NAMES,
     "parallel": parallel.MODES,
@@ -56,6 +57,10 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "augment.resize_to": (">= 0 (0 = no resize)", lambda v: v >= 0),
     "augment.randaugment_num_ops": (">= 0", lambda v: v >= 0),
     "augment.randaugment_magnitude": ("in [0, 30]", lambda v: 0 <= v <= 30),
+    "augment.random_erasing": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
+    "augment.random_erasing_min_area": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "augment.random_erasing_max_area": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "augment.random_erasing_min_aspect": ("in (0, 1]", lambda v: 0 < v <= 1),
     "augment.mixup_alpha": (">= 0 (0 = off)", lambda v: v >= 0),
     "augment.cutmix_alpha": (">= 0 (0 = off)", lambda v: v >= 0),
     "augment.mix_prob": ("in [0, 1]", lambda v: 0 <= v <= 1),
@@ -128,6 +133,7 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
     if merged["num_epochs"] == 0 and merged["num_steps"] == 0:
         problems.append("num_epochs and num_steps are both 0: set one of them to how long to train")
     problems += _accumulation_problems(merged)
+    problems += _erasing_area_problems(merged)
     if problems:
         raise ConfigError(
             f"The config has {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
@@ -152,6 +158,17 @@ def _accumulation_problems(merged: dict[str, Any]) -> list[str]:
         f"optimizer.grad_accumulation_steps = {steps} does not divide batch_size = {batch_size} "
         f"into equal micro-batches: set batch_size to a multiple of {steps} (e.g. {below} or "
         f"{below + steps}), or another number of accumulation steps"
+    ]
+
+
+def _erasing_area_problems(merged: dict[str, Any]) -> list[str]:
+    """Random erasing draws its box's area between its min and max."""
+    low, high = merged["augment.random_erasing_min_area"], merged["augment.random_erasing_max_area"]
+    if not all(isinstance(v, int | float) for v in (low, high)) or low <= high:
+        return []  # a wrong type is reported as such
+    return [
+        f"augment.random_erasing_min_area = {low} is larger than augment.random_erasing_max_area "
+        f"= {high}: the erased area is drawn between them, so set min_area <= max_area"
     ]
 
 
