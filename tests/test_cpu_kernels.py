@@ -198,8 +198,56 @@ def test_on_the_shim_every_3x3_conv_and_every_batch_statistic_runs_there(monkeyp
     traced_step(models.get_model("resnet20", 10, width=4, dtype=dtype, kernels="cpu"), train, train)
 
     # resnet20's 19 convs (the stem and 18 in blocks), each called twice by nn.Conv (once for its
-    # output shape); in training each of the 19 BNs sums forward and backward.
-    assert calls == {"conv": 2 * 19} | ({"channel_sums": 2 * 19} if train else {})
+    # output shape), where oneDNN builds them on this CPU (bfloat16 needs AVX-512); in training
+    # each of the 19 BNs sums forward and backward, on any x86 CPU.
+    convs = 2 * 19 if onednn_builds(dtype) else 0
+    assert calls == ({"conv": convs} if convs else {}) | ({"channel_sums": 2 * 19} if train else {})
+
+
+def onednn_builds(dtype) -> bool:
+    """Whether oneDNN has fast kernels for a 3x3 conv of `dtype` on this CPU."""
+    dtype = jnp.dtype(dtype).name
+    return onednn.has_fast_conv((2, 8, 8, 4), (3, 3, 4, 4), dtype, (1, 1), ((1, 1), (1, 1)))
+
+
+@needs_shim
+@pytest.mark.parametrize(
+    "implementations",
+    [("", "", ""), ("jit:avx2", "jit:avx2", ""), ("ref:any", "ref:any", "ref:any")],
+    ids=["none", "no-kernel-gradient", "reference-only"],
+)
+def test_a_conv_onednn_cannot_build_fast_here_runs_on_xla_with_one_debug_line(
+    monkeypatch, caplog, implementations
+):
+    # As a bfloat16 conv on a CPU without AVX-512: oneDNN cannot build it, or only its slow
+    # reference kernels. The hook asks once per conv shape and then leaves it to XLA's conv.
+    monkeypatch.setattr(onednn, "conv_implementations", lambda *args: implementations)
+    onednn._log_fallback.cache_clear()
+    monkeypatch.setattr(onednn, "conv", lambda *args: pytest.fail("oneDNN's conv was called"))
+    x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 8, 8, 3))
+    kernel = jax.random.normal(jax.random.key(2, impl="rbg"), (3, 3, 3, 5))
+    numbers = lax.conv_dimension_numbers(x.shape, kernel.shape, kernels.NHWC)
+    padding = ((1, 1), (1, 1))
+
+    with caplog.at_level(logging.DEBUG, logger=onednn.__name__):
+        for _ in range(2):  # traced twice: one line
+            got = kernels.conv_general_dilated(
+                x, kernel, (1, 1), padding, dimension_numbers=numbers
+            )
+
+    want = lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=numbers)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert "XLA's conv runs it" in caplog.records[0].getMessage()
+
+
+@needs_shim
+def test_onednn_names_its_conv_kernels_and_has_fast_ones_for_float32_on_every_x86_cpu():
+    padding = ((1, 1), (1, 1))
+    names = onednn.conv_implementations((2, 8, 8, 4), (3, 3, 4, 4), "float32", (1, 1), padding)
+
+    assert len(names) == 3 and all(":" in name for name in names)  # e.g. "jit:avx2"
+    assert onednn_builds(jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -432,10 +480,10 @@ def test_batchnorm_saves_only_its_input_and_statistics_for_the_backward_pass():
 @pytest.fixture
 def fresh_availability(monkeypatch):
     """`onednn.available()` computed again in this test, and again after it."""
-    onednn.available.cache_clear()
+    onednn.loaded.cache_clear()
     yield
     monkeypatch.undo()
-    onednn.available.cache_clear()
+    onednn.loaded.cache_clear()
 
 
 @pytest.mark.skipif(

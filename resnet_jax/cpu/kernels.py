@@ -103,8 +103,8 @@ def conv_general_dilated(
     conv), which sends it to a slow generic kernel, and a 1x1 conv's kernel gradient as a dot is a
     plain GEMM where as a conv XLA first transposes the activations. Taps that only ever see
     padding are dropped (they add exact zeros), so the result is the same sum in another order.
-    Every other such conv runs on oneDNN where `onednn.usable`, else on XLA's conv with its
-    kernel gradient on a `materialized` input.
+    Every other such conv runs on oneDNN where `onednn.conv_usable` (the CPU has a fast oneDNN
+    kernel for it), else on XLA's conv with its kernel gradient on a `materialized` input.
     """
     conv = functools.partial(
         lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -128,7 +128,7 @@ def conv_general_dilated(
     sh, sw = window_strides
     out_h, out_w = (height + pt + pb - kh) // sh + 1, (width + pl + pr - kw) // sw + 1
     if kh * kw > 1 and kh * kw <= min(height * width, out_h * out_w):
-        if onednn.usable(lhs, rhs):
+        if onednn.conv_usable(lhs, rhs, (sh, sw), ((pt, pb), (pl, pr))):
             return onednn.conv(lhs, rhs, (sh, sw), ((pt, pb), (pl, pr)))
         return _xla_conv(lhs, rhs, (sh, sw), ((pt, pb), (pl, pr)))
 

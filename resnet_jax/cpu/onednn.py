@@ -98,22 +98,32 @@ def build_library() -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """True when the shim's kernels can run here: enabled, Linux x86-64, built and registered."""
+def loaded() -> ctypes.CDLL | None:
+    """The shim, built, loaded and its FFI targets registered; None when it is off or cannot be
+    built here (one warning says why)."""
     if process.switched_off(DISABLE_ENV):
-        return False
+        return None
     try:
         library = ctypes.cdll.LoadLibrary(str(build_library()))
     except (BuildError, OSError) as error:
         log.warning("The oneDNN shim is off, XLA's convs and sums are used instead: %s", error)
-        return False
+        return None
     for name in _TARGETS.values():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-    return True
+    query = library.ResnetJaxConvImplementations
+    query.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
+    query.restype = ctypes.c_int64
+    return library
+
+
+def available() -> bool:
+    """True when the shim's kernels can run here: enabled, Linux x86-64, built and registered."""
+    return loaded() is not None
 
 
 def usable(lhs: jax.Array, rhs: jax.Array) -> bool:
-    """Whether `conv` (or `channel_sums`) applies to these operands in the computation being traced.
+    """Whether `channel_sums` (and, where `conv_usable` says so, `conv`) applies to these operands
+    in the computation being traced.
 
     float32 or bfloat16 (both operands alike) on a single CPU device only: under a
     multi-device sharding XLA cannot partition a custom call.
@@ -125,6 +135,61 @@ def usable(lhs: jax.Array, rhs: jax.Array) -> bool:
         and jax.device_count() == 1
         and available()
     )
+
+
+@functools.cache
+def conv_implementations(
+    lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], dtype: str, strides, padding
+) -> tuple[str, str, str]:
+    """The oneDNN implementations ("jit:avx2", "brgconv:avx512_core", "ref:any", ...) of this conv's
+    forward, input-gradient and kernel-gradient primitives on this CPU; "" for one that oneDNN
+    cannot build here (a bfloat16 conv without AVX-512, for one). Asked once per conv."""
+    (pt, pb), (pl, pr) = padding
+    out_shape = _out_shape(lhs_shape, rhs_shape, strides, padding)
+    dims = (*lhs_shape, *rhs_shape, *out_shape, *strides, pt, pb, pl, pr)
+    names = ctypes.create_string_buffer(1024)
+    length = loaded().ResnetJaxConvImplementations(
+        int(dtype == "bfloat16"), (ctypes.c_int64 * len(dims))(*dims), names, len(names)
+    )
+    assert length >= 0, "the implementation names do not fit their buffer"
+    forward, data, weights = names.value.decode().split(";")
+    return forward, data, weights
+
+
+def has_fast_conv(lhs_shape, rhs_shape, dtype: str, strides, padding) -> bool:
+    """Whether oneDNN builds all three primitives of this conv on this CPU with an optimized
+    implementation (its reference ones are far slower than XLA's conv)."""
+    implementations = conv_implementations(lhs_shape, rhs_shape, dtype, strides, padding)
+    return all(name and not name.startswith("ref") for name in implementations)
+
+
+def conv_usable(lhs: jax.Array, rhs: jax.Array, strides, padding) -> bool:
+    """Whether `conv` runs this conv: `usable`, and `has_fast_conv` for it."""
+    if not usable(lhs, rhs):
+        return False
+    conv_args = (tuple(lhs.shape), tuple(rhs.shape), lhs.dtype.name, tuple(strides), tuple(padding))
+    fast = has_fast_conv(*conv_args)
+    if not fast:
+        _log_fallback(*conv_args)
+    return fast
+
+
+@functools.cache
+def _log_fallback(lhs_shape, rhs_shape, dtype, strides, padding) -> None:
+    # Once per conv: traced again for every compilation, it would repeat the same line.
+    implementations = conv_implementations(lhs_shape, rhs_shape, dtype, strides, padding)
+    log.debug(
+        "oneDNN has no fast %s conv %s x %s on this CPU (forward, input and kernel gradient: %s); "
+        "XLA's conv runs it.",
+        dtype, lhs_shape, rhs_shape, ", ".join(name or "none" for name in implementations),
+    )  # fmt: skip
+
+
+def _out_shape(lhs_shape, rhs_shape, strides, padding) -> tuple[int, int, int, int]:
+    """The NHWC output shape of an NHWC x HWIO conv with explicit (low, high) padding."""
+    (n, h, w, _), (kh, kw, _, features) = lhs_shape, rhs_shape
+    (pt, pb), (pl, pr) = padding
+    return n, (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1, features
 
 
 def _call(kind: str, result_shape: Sequence[int], a: jax.Array, b: jax.Array, strides, padding):
@@ -145,11 +210,9 @@ def conv(
     padding: tuple[tuple[int, int], tuple[int, int]],
 ) -> jax.Array:
     """An NHWC x HWIO -> NHWC conv (float32 or bfloat16) with explicit (low, high) padding, run
-    by oneDNN."""
-    (n, h, w, _), (kh, kw, _, features) = x.shape, kernel.shape
-    (pt, pb), (pl, pr) = padding
-    out_h, out_w = (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1
-    return _call("forward", (n, out_h, out_w, features), x, kernel, strides, padding)
+    by oneDNN (where `conv_usable` says it can)."""
+    return _call("forward", _out_shape(x.shape, kernel.shape, strides, padding), x, kernel,
+                 strides, padding)  # fmt: skip
 
 
 def _conv_fwd(x, kernel, strides, padding):

@@ -12,6 +12,9 @@
 //
 // Channel sums: sum(a) and sum(a * b) per channel of two [..., C] tensors in one pass, reading
 // bfloat16 as it is (XLA:CPU writes a whole float32 copy of a bfloat16 tensor before reducing it).
+//
+// Whether oneDNN can build a conv's primitives depends on the CPU (bfloat16 needs AVX-512 on x86),
+// so Python asks `ResnetJaxConvImplementations` once per conv shape before it uses the handlers.
 
 #include <omp.h>
 
@@ -84,16 +87,22 @@ struct Geometry {
   memory::desc UserWeights() const { return {weights, type, Tag::hwio}; }
 };
 
-Geometry MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
+// From NHWC x, HWIO w and NHWC y dims.
+Geometry MakeGeometry(const int64_t* xd, const int64_t* wd, const int64_t* yd, bool bf16,
                       int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
                       int64_t pad_w_lo, int64_t pad_w_hi) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
-  auto type = x.element_type() == ffi::DataType::BF16 ? memory::data_type::bf16
-                                                      : memory::data_type::f32;
   return Geometry{{xd[0], xd[3], xd[1], xd[2]}, {wd[3], wd[2], wd[0], wd[1]},
                   {yd[0], yd[3], yd[1], yd[2]}, {stride_h, stride_w},
                   {pad_h_lo, pad_w_lo},         {pad_h_hi, pad_w_hi},
-                  type};
+                  bf16 ? memory::data_type::bf16 : memory::data_type::f32};
+}
+
+Geometry MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
+                      int64_t stride_h, int64_t stride_w, int64_t pad_h_lo, int64_t pad_h_hi,
+                      int64_t pad_w_lo, int64_t pad_w_hi) {
+  return MakeGeometry(x.dimensions().begin(), w.dimensions().begin(), y.dimensions().begin(),
+                      x.element_type() == ffi::DataType::BF16, stride_h, stride_w, pad_h_lo,
+                      pad_h_hi, pad_w_lo, pad_w_hi);
 }
 
 // The Python side (resnet_jax.onednn) calls these with three tensors of one supported type.
@@ -148,13 +157,22 @@ memory KernelAs(const memory::desc& wanted, const Geometry& g, void* data, dnnl:
   return reordered;
 }
 
-// A backward primitive (data or weights) for one shape, hinted by the forward one, cached.
+// The descriptor of a backward primitive (data or weights), hinted by the forward one.
+template <typename Primitive>
+typename Primitive::primitive_desc BackwardDesc(const Geometry& g) {
+  return {Engine(),  dnnl::algorithm::convolution_direct,
+          g.Src(),   g.AnyWeights(),
+          g.Dst(),   g.strides,
+          g.pad_low, g.pad_high,
+          ForwardDesc(g), UserScratchpad()};
+}
+
+// A backward primitive (data or weights) for one shape, cached.
 template <typename Primitive>
 auto CachedBackward(const Geometry& g, char kind) {
   using Desc = typename Primitive::primitive_desc;
   return Cached<std::pair<Desc, Primitive>>(g.Key(kind), [&] {
-    Desc desc(Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-              g.strides, g.pad_low, g.pad_high, ForwardDesc(g), UserScratchpad());
+    Desc desc = BackwardDesc<Primitive>(g);
     return std::make_pair(desc, Primitive(desc));
   });
 }
@@ -292,6 +310,40 @@ ffi::Error ChannelSums(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buff
   }
   return ffi::Error::Success();
 }
+
+// The implementation oneDNN picks for a primitive descriptor ("jit:avx2", "ref:any", ...), or ""
+// when it cannot build one on this CPU (oneDNN throws).
+template <typename Build>
+std::string ImplementationOf(Build build) {
+  try {
+    return build().impl_info_str();
+  } catch (const dnnl::error&) {
+    return "";
+  }
+}
+
+}  // namespace
+
+// For Python (ctypes), once per conv shape: the implementations of the conv's forward, input
+// gradient and kernel gradient primitives on this CPU, written to `names` as "fwd;data;weights"
+// (empty where oneDNN cannot build one). `dims`: NHWC x, HWIO w and NHWC y dims, then stride_h,
+// stride_w, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi. Returns the length written, or -1 when
+// `capacity` is too small.
+extern "C" int64_t ResnetJaxConvImplementations(int bf16, const int64_t* dims, char* names,
+                                                int64_t capacity) {
+  Geometry g = MakeGeometry(dims, dims + 4, dims + 8, bf16 != 0, dims[12], dims[13], dims[14],
+                            dims[15], dims[16], dims[17]);
+  std::string joined =
+      ImplementationOf([&] { return ForwardDesc(g); }) + ";" +
+      ImplementationOf([&] { return BackwardDesc<dnnl::convolution_backward_data>(g); }) + ";" +
+      ImplementationOf([&] { return BackwardDesc<dnnl::convolution_backward_weights>(g); });
+  if (static_cast<int64_t>(joined.size()) + 1 > capacity) return -1;
+  std::copy(joined.begin(), joined.end(), names);
+  names[joined.size()] = '\0';
+  return static_cast<int64_t>(joined.size());
+}
+
+namespace {
 
 // Two NHWC/HWIO operands, one result, and the conv's strides and explicit padding.
 auto Binding() {
