@@ -13,6 +13,8 @@ the CPU kernel set of `resnet_jax.cpu` instead, which has the same variables and
 from __future__ import annotations
 
 import functools
+import platform
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -316,16 +318,19 @@ def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"Unknown {what} {value!r}; valid choices are: {valid}.")
 
 
-def resolve_kernels(kernels: str) -> str:
+def resolve_kernels(kernels: str, dtype: Dtype = jnp.float32) -> str:
     """The kernel set, "xla" or "cpu", that `kernels` ("auto", "xla" or "cpu") means here.
 
-    "auto" is the CPU set only on a single CPU device, where it was measured; it asks JAX for its
+    "auto" is the CPU set only where it was measured faster than plain Flax: a single CPU device
+    of an x86-64 Linux machine (elsewhere, e.g. aarch64 or macOS, plain Flax). It asks JAX for its
     backend, so call it when JAX may start one.
     """
     _check_choice("kernel set", kernels, KERNELS)
     if kernels != "auto":
         return kernels
-    return "cpu" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
+    on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    measured_here = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
+    return "cpu" if on_one_cpu and measured_here else "xla"
 
 
 def kernel_modules(kernels: str) -> dict[str, Any]:

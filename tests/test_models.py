@@ -6,6 +6,8 @@ keys because compiling threefry's random bits for every parameter shape costs se
 """
 
 import functools
+import platform
+import sys
 
 import chex
 import flax.linen as nn
@@ -295,8 +297,18 @@ def test_plain_flax_is_the_default_and_auto_picks_the_cpu_set_on_one_cpu_device(
     assert models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock).conv is nn.Conv
 
     on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    assert models.resolve_kernels("auto") == ("cpu" if on_one_cpu else "xla")
+    on_x86_linux = sys.platform == "linux" and platform.machine() == "x86_64"
+    assert models.resolve_kernels("auto") == ("cpu" if on_one_cpu and on_x86_linux else "xla")
     assert models.get_model("resnet18").norm is models.kernel_modules("auto")["norm"]
+
+
+@pytest.mark.parametrize(("system", "machine"), [("linux", "aarch64"), ("darwin", "arm64")])
+def test_auto_is_plain_flax_on_a_cpu_the_cpu_set_was_not_measured_on(monkeypatch, system, machine):
+    monkeypatch.setattr(sys, "platform", system)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+
+    assert models.resolve_kernels("auto") == "xla"
+    assert models.get_model("resnet20").conv is nn.Conv
 
 
 def test_both_kernel_sets_have_the_same_variables():
