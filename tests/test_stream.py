@@ -82,7 +82,8 @@ def test_each_process_reads_its_own_slice_of_every_batch(folder, monkeypatch):
 
 
 def test_reading_ahead_is_bounded_not_the_epoch(tmp_path):
-    root = jpeg_folder(tmp_path / "images", {"train": {"a": 40}, "test": {"a": 1}}, size=(8, 8))
+    layout = {"train": {"a": 20, "b": 20}, "test": {"a": 1, "b": 1}}
+    root = jpeg_folder(tmp_path / "images", layout, size=(8, 8))
     batches = stream.open_stream(stream_config(root), eval_batch_size=4)
     read = set()
     source = batches.sources["train"]
@@ -132,9 +133,27 @@ def test_an_unreadable_file_is_skipped_once_with_a_warning(folder, caplog):
     assert sum(int(b["mask"].sum()) for b in test) == 5  # the unreadable test file is masked out
 
 
+@pytest.mark.parametrize("colour_image", [False, True])
+def test_a_folder_streams_with_the_channels_memory_mode_reads(tmp_path, colour_image):
+    root = jpeg_folder(tmp_path, {"train": {"a": 4, "b": 4}, "test": {"a": 1, "b": 1}})
+    for path in root.glob("*/*/*.jpg"):
+        Image.open(path).convert("L").save(path)
+    if colour_image:  # one is enough to make the folder RGB, in both modes
+        jpeg_folder(root, {"test": {"b": 1}})
+    memory = data.load(f"folder:{root}", image_size=16)
+    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    channels = 3 if colour_image else 1
+    assert batches.image_shape == memory.image_shape == (16, 16, channels)
+    assert all(b["image"].shape == (4, 16, 16, channels) for b in batches.train_batches(0))
+    test = next(batches.eval_batches("test"))["image"]
+    with Image.open(root / "test" / "a" / "0.jpg") as first:
+        expected = transforms.eval_crop(first.convert(transforms.MODES[channels]), 16)
+    np.testing.assert_array_equal(test[0], expected)
+
+
 def test_a_damaged_dataset_is_not_skipped_file_by_file(tmp_path):
-    root = jpeg_folder(tmp_path, {"train": {"a": 20}, "test": {"a": 1}})
-    for path in (root / "train" / "a").iterdir():
+    root = jpeg_folder(tmp_path, {"train": {"a": 10, "b": 10}, "test": {"a": 1, "b": 1}})
+    for path in (root / "train").glob("*/*"):
         path.write_bytes(b"")
     batches = stream.open_stream(stream_config(root), eval_batch_size=4)
     with pytest.raises(data.DataError, match="16 files in a row cannot be decoded"):
