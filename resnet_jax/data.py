@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ FOLDER_LAYOUT = (
 )
 
 Batch = dict[str, np.ndarray]
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std), in [0, 1] units
 log = logging.getLogger(__name__)
 
 
@@ -110,6 +111,11 @@ class Batches(Protocol):
         """This process's share of each padded, masked batch of a split (`eval_batches`)."""
         ...
 
+    def channel_stats(self) -> Stats:
+        """The train split's per-channel mean and std (`channel_stats`), the same on every
+        process: over every image in memory mode, over a seeded sample in stream mode."""
+        ...
+
 
 class MemoryBatches:
     """`Batches` over a `Dataset` in host memory: `train_batches` and `eval_batches` per process."""
@@ -141,6 +147,11 @@ class MemoryBatches:
             self._splits()[split], self.eval_batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(),
         )  # fmt: skip
+
+    def channel_stats(self) -> Stats:
+        images = self.dataset.train.images
+        # In chunks: counting one channel of the whole split at once would copy all of it.
+        return channel_stats(images[i : i + 1024] for i in range(0, len(images), 1024))
 
 
 def load(
@@ -210,6 +221,31 @@ def load(
                 "(config dataset.image_size) to resize them all to one size."
             )
     return Dataset(train=train, val=val, test=splits["test"], class_names=class_names)
+
+
+def channel_stats(images: Iterable[np.ndarray]) -> Stats:
+    """Per-channel mean and (population) standard deviation, in [0, 1] units, of the pixels of
+    uint8 images given as arrays (..., H, W, C): batches or single images. Exact, from counts of
+    each of the 256 values in each channel, so the same pixels give the same figures in any
+    order. A DataError if there is no pixel, or a channel has one value only (no spread to divide
+    by)."""
+    counts = 0
+    for batch in images:
+        flat = batch.reshape(-1, batch.shape[-1])
+        counts = counts + np.stack([np.bincount(column, minlength=256) for column in flat.T])
+    if np.sum(counts) == 0:
+        raise DataError("No readable train image to measure the normalization statistics on.")
+    values = np.arange(256) / 255.0
+    pixels = counts.sum(axis=1)
+    mean = counts @ values / pixels
+    std = np.sqrt(np.maximum(counts @ values**2 / pixels - mean**2, 0.0))
+    if not np.all(std > 0):
+        raise DataError(
+            f"Every train pixel has one value in channel(s) {np.flatnonzero(std == 0).tolist()} "
+            f"({np.round(mean * 255).tolist()} of 255), so the images carry nothing to learn and "
+            "their spread to normalize by is 0: check the dataset."
+        )
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

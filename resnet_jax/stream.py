@@ -41,6 +41,8 @@ from resnet_jax.config_utils import ConfigError
 
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
 MAX_CONSECUTIVE_BAD_FILES = 16
+# How many train images (at most) stream mode measures augment.normalization = "dataset" on.
+STATS_SAMPLE_SIZE = 1000
 # Batches each process (a worker, or the main one with no workers) prepares ahead, in one
 # thread: grain's default read-ahead (500 elements on 16 threads) held up to 500 batches per
 # worker, so a worker's memory grew with the dataset up to that many batches.
@@ -212,6 +214,18 @@ class StreamBatches:
         read = EvalExample(self.sources[split], size, channels)
         dataset = grain.MapDataset.source(examples).map(read)
         return self._iterate(dataset.batch(indices.shape[1], batch_fn=stack_examples))
+
+    def channel_stats(self) -> data.Stats:
+        """The per-channel statistics of the evaluation views of a sample of STATS_SAMPLE_SIZE
+        train images drawn by the seed, decoded here (seconds, for ImageNet's JPEGs); a file that
+        cannot be read is left out."""
+        train = self.sources["train"]
+        rng = np.random.default_rng(self.seed)
+        sample = np.sort(rng.choice(len(train), min(STATS_SAMPLE_SIZE, len(train)), replace=False))
+        size, _, channels = self.image_shape
+        read = EvalExample(train, size, channels)
+        examples = (read(np.array([index, True])) for index in sample)
+        return data.channel_stats(example["image"] for example in examples if example["mask"])
 
     def _iterate(self, dataset: Any) -> Iterator[data.Batch]:
         import grain

@@ -308,7 +308,7 @@ def test_mix_and_policy_keys_that_have_no_effect_are_logged(caplog):
         {"augment": {"policy": "trivialaugment", "randaugment_magnitude": 20, "mix_prob": 0.5}}
     )
     with caplog.at_level("WARNING"):
-        builders.build_preprocess(config, (32, 32, 3))
+        builders.build_preprocess(config, (32, 32, 3), builders.named_normalization("cifar10"))
         assert builders.build_mix(config) is None
     assert (
         "Ignoring augment.randaugment_magnitude: augment.policy is 'trivialaugment'" in caplog.text
@@ -320,7 +320,9 @@ def test_mix_and_policy_keys_are_validated_and_built():
     good = config_utils.resolve(
         {"augment": {"policy": "trivialaugment", "mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
     )
-    preprocess, shape = builders.build_preprocess(good, (32, 32, 3))
+    preprocess, shape = builders.build_preprocess(
+        good, (32, 32, 3), builders.named_normalization("cifar10")
+    )
     assert preprocess.policy == "trivialaugment" and shape == (1, 32, 32, 3)
     assert builders.build_mix(good) == augment.Mix(0.2, 1.0, 1.0, 0.5)
     # The run's state carries both into its train step (shapes only: no init compiled).
@@ -332,7 +334,9 @@ def test_mix_and_policy_keys_are_validated_and_built():
     )
     assert state.mix == augment.Mix(0.2, 1.0, 1.0, 0.5) and state.preprocess == preprocess
     assert builders.build_mix(config_utils.resolve({})) is None  # off by default
-    assert builders.build_preprocess(config_utils.resolve({}), (32, 32, 3))[0].policy == "none"
+    cifar10 = builders.named_normalization("cifar10")
+    default, _ = builders.build_preprocess(config_utils.resolve({}), (32, 32, 3), cifar10)
+    assert default.policy == "none"
     bad = {
         "policy": "autoaugment",
         "mixup_alpha": -0.2,

@@ -327,6 +327,38 @@ def test_validation_fraction_out_of_range(tmp_path):
         data.load(f"folder:{tmp_path}", val_fraction=1.0)
 
 
+# --- normalization statistics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channel_stats_are_the_pixels_mean_and_std_per_channel(channels):
+    images = np.random.default_rng(channels).integers(0, 256, (50, 6, 5, channels), np.uint8)
+    mean, std = data.channel_stats([images])
+    scaled = images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, scaled.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(std, scaled.std(axis=(0, 1, 2)), rtol=1e-9)
+    assert len(mean) == len(std) == channels
+    # Batches or single images, in any order: the same figures to the last bit.
+    assert data.channel_stats(images[::-1]) == data.channel_stats([images[:7], images[7:]])
+    assert data.channel_stats(images[::-1]) == (mean, std)
+
+
+def test_memory_batches_measure_the_train_split_after_the_validation_carve(tmp_path):
+    _write_indexed_folder(tmp_path, [10, 5])  # pixel values are the image indices
+    dataset = data.load(f"folder:{tmp_path}", val_fraction=0.2)
+    mean, _ = data.MemoryBatches(dataset, 4, 4, seed=0).channel_stats()
+    np.testing.assert_allclose(mean, [dataset.train.images.mean() / 255] * 3, rtol=1e-12)
+    uncarved = data.load(f"folder:{tmp_path}")
+    assert mean != data.MemoryBatches(uncarved, 4, 4, seed=0).channel_stats()[0]
+
+
+def test_a_constant_channel_has_no_spread_to_normalize_by():
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[..., 1] = np.arange(16).reshape(4, 4)
+    with pytest.raises(data.DataError, match=r"channel\(s\) \[0, 2\]"):
+        data.channel_stats([images])
+
+
 # --- batches ----------------------------------------------------------------------------------
 
 

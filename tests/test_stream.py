@@ -151,6 +151,21 @@ def test_a_folder_streams_with_the_channels_memory_mode_reads(tmp_path, colour_i
     np.testing.assert_array_equal(test[0], expected)
 
 
+def test_dataset_statistics_come_from_a_seeded_sample_of_train_views(folder, monkeypatch):
+    batches = stream.open_stream(stream_config(folder, val_fraction=0.25), eval_batch_size=4)
+    train = batches.sources["train"]
+
+    def views(paths):
+        return [transforms.eval_crop(Image.open(path).convert("RGB"), 16) for path in paths]
+
+    # Every train image (after the validation carve) when there are fewer than the sample size.
+    assert batches.channel_stats() == data.channel_stats(views(train.paths))
+    monkeypatch.setattr(stream, "STATS_SAMPLE_SIZE", 4)
+    sample = np.random.default_rng(0).choice(len(train), 4, replace=False)  # config.seed's
+    assert batches.channel_stats() == data.channel_stats(views(np.take(train.paths, sample)))
+    assert batches.channel_stats() != data.channel_stats(views(train.paths))
+
+
 def test_a_damaged_dataset_is_not_skipped_file_by_file(tmp_path):
     root = jpeg_folder(tmp_path, {"train": {"a": 10, "b": 10}, "test": {"a": 1, "b": 1}})
     for path in (root / "train").glob("*/*"):

@@ -86,7 +86,9 @@ def transfer_config(pretrained: Path, data: Path, cache_dir: Path, **model: Any)
 def start_variables(config) -> dict[str, Any]:
     """The variables the trainer starts from: the weights loaded into its fresh init."""
     model = builders.build_model(config, num_classes=len(CLASSES))
-    _, input_shape = builders.build_preprocess(config, (24, 24, 3))
+    _, input_shape = builders.build_preprocess(
+        config, (24, 24, 3), builders.named_normalization("imagenet")
+    )
     return builders.pretrained_variables(config, model, input_shape)
 
 
@@ -175,7 +177,7 @@ def test_the_transfer_configs_resolve_and_wire_pretrained_inputs():
         20,
     )
     assert builders.build_model(transfer, num_classes=2).frozen_stages == 4  # all four stages
-    assert builders.normalization_stats(transfer)[0] == pytest.approx((0.485, 0.456, 0.406))
+    assert builders.normalization_name(transfer, channels=3) == "imagenet"
 
     finetune = config_utils.resolve(load_recipe("r50_finetune"))
     assert (finetune.model.name, finetune.model.stem, finetune.model.freeze) == (
@@ -183,8 +185,10 @@ def test_the_transfer_configs_resolve_and_wire_pretrained_inputs():
         "imagenet",
         "none",
     )
-    assert builders.normalization_stats(finetune)[0] == pytest.approx((0.485, 0.456, 0.406))
-    _, input_shape = builders.build_preprocess(finetune, (32, 32, 3))
+    assert builders.normalization_name(finetune, channels=3) == "imagenet"
+    _, input_shape = builders.build_preprocess(
+        finetune, (32, 32, 3), builders.named_normalization("imagenet")
+    )
     assert input_shape == (1, 224, 224, 3)  # CIFAR-10 resized on the device
     for name in ("r34_transfer", "r50_finetune"):
         assert "resnet_jax.convert" in (REPO_ROOT / "configs" / f"{name}.py").read_text()
