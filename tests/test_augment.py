@@ -113,6 +113,23 @@ def test_normalize_matches_the_formula(image):
     chex.assert_trees_all_close(normalized, expected.astype(np.float32), rtol=1e-5, atol=1e-5)
 
 
+def test_gray_images_go_through_every_augmentation_with_one_channel():
+    images = _batch()[..., :1]
+    preprocess = augment.make_preprocess(
+        mean=(0.5,), std=(0.25,), crop_size=24, rotation=15.0, cutout_size=8,
+        policy="trivialaugment", resize_to=40,
+    )  # fmt: skip
+    chex.assert_shape(jax.jit(preprocess)(images, jax.random.key(0)), (8, 40, 40, 1))
+    evaluated = jax.jit(preprocess)(images, None)
+    chex.assert_trees_all_close(
+        evaluated, jax.image.resize((images / 255 - 0.5) / 0.25, (8, 40, 40, 1), "bilinear"),
+        atol=1e-4,
+    )  # fmt: skip
+    # RGB statistics would broadcast a gray image to three channels: refused instead.
+    with pytest.raises(ValueError, match="one value per channel of the 1-channel images"):
+        augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+
+
 def _batch(count: int = 8) -> jax.Array:
     """`count` copies of one uint8 image, so any difference between outputs is augmentation."""
     image = np.random.default_rng(1).integers(1, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from resnet_jax import config_utils, data, stream, tfds_data, transforms, workdir
 from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
+from tests.fake_mnist import prepare_fake_fashion_mnist
 from tests.test_data import _refuse_network
 
 
@@ -239,6 +240,36 @@ def test_a_tfds_dataset_streams_from_its_array_record_files(tmp_path, monkeypatc
     expected = sorted(
         (int(label), transforms.eval_crop(Image.fromarray(image), 32).tobytes())
         for image, label in zip(written.test_images, written.test_labels, strict=True)
+    )
+    assert got == expected
+
+
+@pytest.mark.tfds
+def test_a_gray_tfds_dataset_streams_with_its_one_channel(tmp_path):
+    written = prepare_fake_fashion_mnist(
+        tmp_path, n_train=20, n_test=10, file_format="array_record"
+    )
+    config = config_utils.default_config()
+    config.dataset.update(
+        name="fashion_mnist", data_dir=str(tmp_path), verify_checksums=False, pipeline="auto",
+        image_size=28, val_fraction=0.0, stream_workers=0,
+    )  # fmt: skip
+    config.batch_size, config.eval_batch_size = 4, 4
+    config = config_utils.resolve(config)
+    assert "20 images of 28x28x1" in stream.choose_pipeline(config)[1]  # its declared channels
+    config.dataset.pipeline = "stream"
+    batches = stream.open_stream(config, eval_batch_size=4)
+    assert batches.image_shape == (28, 28, 1)
+    assert all(b["image"].shape == (4, 28, 28, 1) for b in batches.train_batches(epoch=0))
+    got = sorted(
+        image.tobytes()
+        for batch in batches.eval_batches("test")
+        for image, real in zip(batch["image"], batch["mask"], strict=True)
+        if real
+    )
+    expected = sorted(
+        transforms.eval_crop(Image.fromarray(image[..., 0]), 28).tobytes()
+        for image in written.test_images
     )
     assert got == expected
 
