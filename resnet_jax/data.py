@@ -506,12 +506,13 @@ def _read_folder_split(
 
 def _read_image(path: Path, image_size: int | None, mode: str) -> np.ndarray:
     try:
-        image = transforms.decode_image(path, mode=mode)  # as stream mode decodes it
-    except transforms.BadImage as bad:
+        with Image.open(path) as image:
+            converted = image.convert(mode)  # as stream mode's transforms.decode_image does
+    except transforms.UNREADABLE as error:
         raise DataError(
-            f"Cannot read the image {path} ({bad.__cause__}): replace it with a valid "
+            f"Cannot read the image {path} ({error}): replace it with a valid "
             "PNG or JPEG file, or delete it."
-        ) from None
+        ) from error
     if image_size is not None:
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return transforms.to_array(image)
+        converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return transforms.to_array(converted)

@@ -8,9 +8,9 @@ gray, PIL's L, for a model of a gray dataset; a gray one RGB for an RGB model) a
 size of the run's images: resized (bilinear, as memory mode resizes image folders on load) or, for
 a stream-mode run, resized and centre-cropped as its evaluation did; then preprocessed exactly as
 evaluation does (the on-device resize, if any, and the normalization the run recorded, measured
-statistics included). A run that kept an EMA of its weights predicts with
-them, unless its ema.weights is "raw", as its results.json reports. With --exported, the model and
-its preprocessing are the exported artifact's: nothing is built from the model's code.
+statistics included). A run that kept an EMA of its weights predicts with them, unless its
+ema.weights is "raw", as its results.json reports. With --exported, the model and its
+preprocessing are the exported artifact's: nothing is built from the model's code.
 """
 
 from __future__ import annotations

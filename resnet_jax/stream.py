@@ -3,10 +3,9 @@
 `StreamBatches` serves the same batches as memory mode (`data.Batches`): {"image": uint8 (B, S, S,
 C), "label"} for training and padded, masked ones for evaluation, with S = dataset.image_size and C
 the channels memory mode would read (a folder's by `data.folder_channels`, a tfds dataset's as it
-declares them). The
-sources are an image folder (listed, never read ahead) or a tfds dataset through
-`tfds.data_source` (ArrayRecord files, no TensorFlow while reading). grain worker processes decode
-each image and crop it the torchvision way (`transforms`): RandomResizedCrop for training,
+declares them). The sources are an image folder (listed, never read ahead) or a tfds dataset
+through `tfds.data_source` (ArrayRecord files, no TensorFlow while reading). grain worker processes
+decode each image and crop it the torchvision way (`transforms`): RandomResizedCrop for training,
 Resize(S * 256 / 224) + CenterCrop(S) for evaluation. Flips, normalization and any other
 augmentation stay on the device, in the compiled step both modes share.
 
