@@ -22,7 +22,6 @@ from tests.conftest import run_module
 from tests.fake_mnist import CLASS_NAMES, prepare_fake_fashion_mnist, write_fake_fashion_mnist
 from tests.test_stream import jpeg_folder
 
-pytestmark = pytest.mark.tfds
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -68,6 +67,7 @@ def save_photos(directory: Path) -> dict[str, str]:
     return {name: str(path) for name, path in paths.items()}
 
 
+@pytest.mark.tfds
 def test_fashion_mnist_trains_with_its_train_splits_statistics(gray_run, fashion_dir):
     workdir, log = gray_run["workdir"], gray_run["stderr"]
     assert "Traceback" not in log
@@ -86,6 +86,7 @@ def test_fashion_mnist_trains_with_its_train_splits_statistics(gray_run, fashion
     np.testing.assert_allclose(meta["normalization"]["std"], [pixels.std()], rtol=1e-9)
 
 
+@pytest.mark.tfds
 def test_evaluate_reuses_the_recorded_statistics(gray_run, monkeypatch):
     def measure(self):
         raise AssertionError("evaluate measured the data instead of reading the checkpoint")
@@ -113,6 +114,7 @@ def by_class(predictions: list[list[tuple[str, float]]]) -> np.ndarray:
     return np.array([[dict(top)[name] for name in CLASS_NAMES] for top in predictions])
 
 
+@pytest.mark.tfds
 def test_predict_and_export_use_the_recorded_statistics_on_any_photo(gray_run, tmp_path):
     workdir = gray_run["workdir"]
     photos = save_photos(tmp_path)
