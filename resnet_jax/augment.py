@@ -22,10 +22,17 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # per-pixel std; the often-copied (0.2023, ...) is not
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The named statistics (RGB only), by their augment.normalization names.
+NAMED_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """uint8 or float images in [0, 255] -> float32 (x / 255 - mean) / std, per channel."""
+    if not len(mean) == len(std) == images.shape[-1]:  # else they would broadcast to 3 channels
+        raise ValueError(
+            f"mean and std need one value per channel of the {images.shape[-1]}-channel images, "
+            f"got {len(mean)} and {len(std)}"
+        )
     scaled = images.astype(jnp.float32) / 255.0
     return (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 

@@ -170,6 +170,8 @@ def _blend(image: jax.Array, degenerate: jax.Array, magnitude: jax.Array) -> jax
 
 
 def _grayscale(image: jax.Array) -> jax.Array:
+    if image.shape[-1] == 1:  # already gray: torchvision's rgb_to_grayscale returns it as it is
+        return image
     r, g, b = image[..., 0], image[..., 1], image[..., 2]
     return jnp.floor(0.2989 * r + 0.587 * g + 0.114 * b)[..., None]  # uint8, truncated
 
@@ -179,6 +181,8 @@ def brightness(image: jax.Array, magnitude: jax.Array) -> jax.Array:
 
 
 def color(image: jax.Array, magnitude: jax.Array) -> jax.Array:
+    if image.shape[-1] == 1:  # a gray image has no saturation: torchvision (and PIL) keep it
+        return image
     return _blend(image, _grayscale(image), magnitude)
 
 

@@ -100,8 +100,12 @@ def get_config() -> ml_collections.ConfigDict:
     augment.cutmix_alpha = 0.0  # CutMix's alpha, usually 1.0; 0 = off
     augment.mix_prob = 1.0  # probability that a batch is mixed (timm's mixup_prob)
     augment.mix_switch_prob = 0.5  # with both alphas > 0: probability of CutMix over mixup
-    # Per-channel mean/std: "cifar10", "imagenet", or "auto" (ImageNet's with pretrained weights or
-    # a dataset other than CIFAR-10, CIFAR-10's otherwise).
+    # Per-channel mean/std: "cifar10" or "imagenet" (their published RGB statistics), "dataset"
+    # (each channel's, measured on the train split once at the run's start: every image in memory
+    # mode, 1000 sampled in stream mode; checkpoints record them for evaluate, predict and export),
+    # or "auto": CIFAR-10's for CIFAR-10 from scratch, ImageNet's with pretrained weights and other
+    # RGB datasets (as always), "dataset" for images that are not RGB (gray). For another RGB
+    # dataset trained from scratch, "dataset" is the sensible choice: set it.
     augment.normalization = "auto"
 
     # The optimizer and the learning-rate schedule: their names, options, defaults, meanings and

@@ -119,30 +119,61 @@ def build_model(
     )
 
 
-def normalization_stats(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], ...]:
-    """(mean, std) per channel: CIFAR-10's for CIFAR-10 from scratch, ImageNet's for pretrained
-    weights (which expect them) and other datasets, unless augment.normalization names one."""
+def normalization_name(config: ml_collections.ConfigDict, channels: int) -> str:
+    """augment.normalization, "auto" resolved: "cifar10" for CIFAR-10 from scratch, "imagenet" for
+    pretrained weights (which expect it) and other RGB datasets, "dataset" for images that are not
+    RGB. A ConfigError for RGB statistics asked of images that are not RGB."""
     choice = config.augment.normalization
     if choice == "auto":
+        if channels != 3:
+            return "dataset"
         from_scratch_on_cifar10 = config.dataset.name == "cifar10" and not config.model.pretrained
-        choice = "cifar10" if from_scratch_on_cifar10 else "imagenet"
-    if choice == "cifar10":
-        return augment.CIFAR10_MEAN, augment.CIFAR10_STD
-    return augment.IMAGENET_MEAN, augment.IMAGENET_STD
+        return "cifar10" if from_scratch_on_cifar10 else "imagenet"
+    if choice != "dataset" and channels != 3:
+        raise ConfigError(
+            f"augment.normalization = {choice!r} normalizes with {choice}'s three RGB statistics, "
+            f"but the images of {config.dataset.name} have {channels} channel(s): set "
+            "augment.normalization to 'dataset' (each channel's mean and std, measured on the "
+            "train split) or 'auto' (the same for images that are not RGB)."
+        )
+    return choice
+
+
+def normalization(
+    config: ml_collections.ConfigDict, batches: data.Batches, saved: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's normalization, as its checkpoints record it: {"name", "mean", "std"} per channel
+    in [0, 1] units. "dataset" measures the train split once, at the run's start (`batches`); a
+    resumed run keeps the figures its checkpoint `saved`."""
+    name = normalization_name(config, batches.image_shape[-1])
+    if name != "dataset":
+        return named_normalization(name)
+    if saved and saved["name"] == "dataset":
+        return saved
+    start = time.perf_counter()
+    mean, std = batches.channel_stats()
+    logging.info(
+        "Normalization: the train split's own per-channel mean %s and std %s (measured in %.1f s).",
+        np.round(mean, 4).tolist(), np.round(std, 4).tolist(), time.perf_counter() - start,
+    )  # fmt: skip
+    return {"name": name, "mean": list(mean), "std": list(std)}
+
+
+def named_normalization(name: str) -> dict[str, Any]:
+    """A named normalization's record ("cifar10" or "imagenet")."""
+    mean, std = augment.NAMED_STATS[name]
+    return {"name": name, "mean": list(mean), "std": list(std)}
 
 
 def build_preprocess(
-    config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, int, int],
+    normalization: dict[str, Any],
 ) -> tuple[augment.Preprocess, tuple[int, ...]]:
-    """The on-device augment + normalize function, and the model input shape it produces."""
+    """The on-device augment + normalize function (with the `normalization` record's statistics),
+    and the model input shape it produces."""
     height, width, channels = image_shape
     options = config.augment
-    if channels != 3:
-        raise ConfigError(
-            f"The images of {config.dataset.name} have {channels} channel(s), but the models and "
-            "the normalization statistics are RGB: use an RGB dataset (image folders are "
-            "converted to RGB on load)."
-        )
     if options.crop_size > min(height, width) + 2 * options.crop_padding:
         raise ConfigError(
             f"augment.crop_size = {options.crop_size} is larger than the {height}x{width} images "
@@ -172,10 +203,9 @@ def build_preprocess(
             ),
             "random erasing is off (augment.random_erasing = 0)",
         )
-    mean, std = normalization_stats(config)
     preprocess = augment.make_preprocess(
-        mean=mean,
-        std=std,
+        mean=normalization["mean"],
+        std=normalization["std"],
         crop_padding=options.crop_padding,
         crop_size=options.crop_size or None,
         resize_crop=options.resize_crop,

@@ -20,7 +20,7 @@ from resnet_jax import augment, autoaugment, base_config, data, models, optim, p
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
-NORMALIZATIONS = ("auto", "cifar10", "imagenet")
+NORMALIZATIONS = ("auto", *augment.NAMED_STATS, "dataset")
 RESULTS_CHECKPOINTS = ("best_val", "final")  # workdir.chosen_checkpoint's selections
 EMA_WEIGHTS = ("ema", "raw")  # workdir.chosen_weights' selections
 FREEZE_HELP = '"none", "backbone", or the number of stages k (the stem and stages 1..k), e.g. "2"'

@@ -38,6 +38,7 @@ TORCHVISION_URLS: dict[str, str] = {
 }
 METADATA_FILE = "metadata.json"
 _COLLECTIONS = ("params", "batch_stats")
+_STEM_KERNEL = ("params", "conv1", "kernel")  # the first conv: the one that sees the image
 
 # Axis permutations between torch and Flax layouts, by number of dimensions (4: conv, 2: fc).
 _FLAX_FROM_TORCH = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}
@@ -68,13 +69,15 @@ class LoadReport:
     """What `load_pretrained` did: paths (like "layer1_0/conv1/kernel") loaded or kept fresh.
 
     `new` are model variables kept as initialized (absent from the checkpoint or shaped
-    differently, e.g. a new head); `unused` are checkpoint tensors the model has no place for.
+    differently, e.g. a new head); `unused` are checkpoint tensors the model has no place for;
+    `adapted` says how the RGB stem was fitted to gray images ("" if it was not).
     """
 
     source: str
     loaded: list[str]
     new: list[str]
     unused: list[str]
+    adapted: str = ""
 
     def summary(self) -> str:
         """One line for the training log."""
@@ -83,6 +86,8 @@ class LoadReport:
         line += f"; kept fresh: {_shorten(self.new)}" if self.new else "; none kept fresh"
         if self.unused:
             line += f"; unused from the checkpoint: {_shorten(self.unused)}"
+        if self.adapted:
+            line += f"; {self.adapted}"
         return line + "."
 
 
@@ -122,12 +127,17 @@ def load_pretrained(
 
     Layers load whole: a layer whose variables all match the checkpoint's shapes is loaded, any
     other stays as initialized and is listed in the report's `new` (typically the `fc` head when
-    num_classes differs, or `conv1` when the model has the CIFAR 3x3 stem). `source` is anything
-    `torchvision_to_flax` reads from disk. Other collections than params and batch_stats pass
-    through unchanged.
+    num_classes differs, or `conv1` when the model has the CIFAR 3x3 stem). A model of gray
+    images (one channel) gets the stem's RGB kernel summed over RGB (`adapt_input_conv`), which
+    the report's `adapted` says. `source` is anything `torchvision_to_flax` reads from disk.
+    Other collections than params and batch_stats pass through unchanged.
     """
     converted = _flatten(torchvision_to_flax(source, arch))
     fresh = _flatten({collection: variables[collection] for collection in _COLLECTIONS})
+    gray_stem, adapted = adapt_input_conv(converted[_STEM_KERNEL]), ""
+    if fresh[_STEM_KERNEL].shape == gray_stem.shape != converted[_STEM_KERNEL].shape:
+        converted[_STEM_KERNEL] = gray_stem
+        adapted = "conv1/kernel summed over RGB for gray images (timm's adapt_input_conv)"
     mismatched_layers = {
         _layer_of(path)
         for path, value in fresh.items()
@@ -148,8 +158,15 @@ def load_pretrained(
             "for the model you built."
         )
     unused = [_report_name(path) for path in converted if path not in fresh]
-    report = LoadReport(source=str(source), loaded=loaded, new=new, unused=unused)
+    report = LoadReport(str(source), loaded, new, unused, adapted)
     return {**variables, **traverse_util.unflatten_dict(merged)}, report
+
+
+def adapt_input_conv(kernel: np.ndarray) -> np.ndarray:
+    """An RGB first-conv kernel (H, W, 3, O) for gray images (H, W, 1, O), as timm's
+    `adapt_input_conv` for one channel: summed over RGB, so a gray image gives what the same
+    image repeated in R, G and B gives the RGB kernel."""
+    return kernel.sum(axis=2, keepdims=True)
 
 
 def check_frozen_layers_loaded(report: LoadReport, frozen_stages: int, allowed: bool) -> None:

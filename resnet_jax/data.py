@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
+
+from resnet_jax import transforms
 
 FOLDER_PREFIX = "folder:"
 PIPELINES = ("auto", "memory", "stream")  # config dataset.pipeline; stream mode is stream.py
@@ -31,6 +33,7 @@ FOLDER_LAYOUT = (
 )
 
 Batch = dict[str, np.ndarray]
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std), in [0, 1] units
 log = logging.getLogger(__name__)
 
 
@@ -108,6 +111,11 @@ class Batches(Protocol):
         """This process's share of each padded, masked batch of a split (`eval_batches`)."""
         ...
 
+    def channel_stats(self) -> Stats:
+        """The train split's per-channel mean and std (`channel_stats`), the same on every
+        process: over every image in memory mode, over a seeded sample in stream mode."""
+        ...
+
 
 class MemoryBatches:
     """`Batches` over a `Dataset` in host memory: `train_batches` and `eval_batches` per process."""
@@ -140,6 +148,11 @@ class MemoryBatches:
             process_count=jax.process_count(),
         )  # fmt: skip
 
+    def channel_stats(self) -> Stats:
+        images = self.dataset.train.images
+        # In chunks: counting one channel of the whole split at once would copy all of it.
+        return channel_stats(images[i : i + 1024] for i in range(0, len(images), 1024))
+
 
 def load(
     name: str,
@@ -153,10 +166,12 @@ def load(
     """Loads every split of a dataset into host memory as uint8 arrays.
 
     Args:
-      name: a tfds image-classification dataset (`cifar10`, `cifar100`, `svhn_cropped`, ...;
-        anything with "image" and "label" features and "train" and "test" splits), or
-        `folder:/path` for an image folder laid out as `FOLDER_LAYOUT` says. A folder's class names
-        are its train/ subfolder names, sorted.
+      name: a tfds image-classification dataset (`cifar10`, `cifar100`, `svhn_cropped`,
+        `fashion_mnist`, ...; anything with "image" and "label" features, at least two classes
+        and "train" and "test" splits), or `folder:/path` for an image folder laid out as
+        `FOLDER_LAYOUT` says. A folder's class names are its train/ subfolder names, sorted; its
+        images are read as gray (one channel) when all of them are, else as RGB
+        (`folder_channels`). A tfds dataset's images have the channels it declares.
       data_dir: tfds' data directory (default `~/tensorflow_datasets`, or $TFDS_DATA_DIR). A tfds
         dataset is downloaded and prepared there once. Offline, put the dataset's archive in
         `<data_dir>/downloads/manual/` (for CIFAR-10, `cifar-10-binary.tar.gz`). Unused for
@@ -206,6 +221,31 @@ def load(
                 "(config dataset.image_size) to resize them all to one size."
             )
     return Dataset(train=train, val=val, test=splits["test"], class_names=class_names)
+
+
+def channel_stats(images: Iterable[np.ndarray]) -> Stats:
+    """Per-channel mean and (population) standard deviation, in [0, 1] units, of the pixels of
+    uint8 images given as arrays (..., H, W, C): batches or single images. Exact, from counts of
+    each of the 256 values in each channel, so the same pixels give the same figures in any
+    order. A DataError if there is no pixel, or a channel has one value only (no spread to divide
+    by)."""
+    counts = 0
+    for batch in images:
+        flat = batch.reshape(-1, batch.shape[-1])
+        counts = counts + np.stack([np.bincount(column, minlength=256) for column in flat.T])
+    if np.sum(counts) == 0:
+        raise DataError("No readable train image to measure the normalization statistics on.")
+    values = np.arange(256) / 255.0
+    pixels = counts.sum(axis=1)
+    mean = counts @ values / pixels
+    std = np.sqrt(np.maximum(counts @ values**2 / pixels - mean**2, 0.0))
+    if not np.all(std > 0):
+        raise DataError(
+            f"Every train pixel has one value in channel(s) {np.flatnonzero(std == 0).tolist()} "
+            f"({np.round(mean * 255).tolist()} of 255), so the images carry nothing to learn and "
+            "their spread to normalize by is 0: check the dataset."
+        )
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -349,14 +389,18 @@ def list_folder(root: Path) -> tuple[dict[str, FolderSplit], list[str]]:
     """The splits ("train", "test", optionally "val") of an image folder and its class names
     (train/'s subfolders, sorted), without reading an image.
 
-    Raises DataError for a layout other than FOLDER_LAYOUT, a split without images, an empty
-    train/ class folder or a class test/ lacks, each with its fix.
+    Raises DataError for a layout other than FOLDER_LAYOUT, a single class, a split without
+    images, an empty train/ class folder or a class test/ lacks, each with its fix.
     """
     class_names = _class_dir_names(root / "train")
     if not class_names or not (root / "test").is_dir():
         raise DataError(
             f"The image folder {root} needs train/ and test/ subfolders: {FOLDER_LAYOUT}."
         )
+    check_class_count(
+        len(class_names), f"The image folder {root} ({class_names[0]})",
+        f"Add a subfolder of images for each other class to train/ and test/: {FOLDER_LAYOUT}.",
+    )  # fmt: skip
     splits = {
         split: _list_folder_split(root / split, class_names)
         for split in ("train", "val", "test")
@@ -382,10 +426,39 @@ def list_folder(root: Path) -> tuple[dict[str, FolderSplit], list[str]]:
     return splits, class_names
 
 
+def check_class_count(num_classes: int, dataset: str, fix: str) -> None:
+    """A DataError naming `dataset` and the `fix` unless it has at least two classes."""
+    if num_classes < 2:
+        raise DataError(
+            f"{dataset} has {num_classes} class{'' if num_classes == 1 else 'es'}, and a "
+            "classifier needs at least two: with one, every prediction is right, so a run would "
+            f"report 100% accuracy having learned nothing. {fix}"
+        )
+
+
+def folder_channels(listing: dict[str, FolderSplit]) -> int:
+    """The channels an image folder is read with: 1 (gray, PIL mode L) when every image in it
+    is single-channel (modes 1, L, LA, I, I;16, F), else 3 (RGB). One colour or palette image
+    makes the whole folder RGB, which keeps an RGB folder as it always was read. Reads only
+    headers and stops at the first colour image, so an RGB folder costs one header."""
+    for split in listing.values():
+        for path in split.paths:
+            try:
+                with Image.open(path) as image:
+                    gray = ImageMode.getmode(image.mode).basemode == "L"
+            except transforms.UNREADABLE:
+                continue  # memory mode names it when it reads it; stream mode skips it
+            if not gray:
+                return 3
+    return 1
+
+
 def _load_folder(root: Path, image_size: int | None) -> tuple[dict[str, Split], list[str]]:
     listing, class_names = list_folder(root)
+    mode = transforms.MODES[folder_channels(listing)]
     splits = {
-        name: _read_folder_split(root / name, split, image_size) for name, split in listing.items()
+        name: _read_folder_split(root / name, split, image_size, mode)
+        for name, split in listing.items()
     }
     return splits, class_names
 
@@ -418,8 +491,10 @@ def _list_folder_split(split_dir: Path, class_names: list[str]) -> FolderSplit:
     return FolderSplit(paths, np.array(labels, dtype=np.int32))
 
 
-def _read_folder_split(split_dir: Path, listing: FolderSplit, image_size: int | None) -> Split:
-    images = [_read_image(path, image_size) for path in listing.paths]
+def _read_folder_split(
+    split_dir: Path, listing: FolderSplit, image_size: int | None, mode: str
+) -> Split:
+    images = [_read_image(path, image_size, mode) for path in listing.paths]
     sizes = {image.shape for image in images}
     if len(sizes) > 1:
         raise DataError(
@@ -429,15 +504,15 @@ def _read_folder_split(split_dir: Path, listing: FolderSplit, image_size: int | 
     return Split(np.stack(images), listing.labels)
 
 
-def _read_image(path: Path, image_size: int | None) -> np.ndarray:
+def _read_image(path: Path, image_size: int | None, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except OSError as error:  # PIL's errors for unknown formats and truncated files
+            converted = image.convert(mode)  # as stream mode's transforms.decode_image does
+    except transforms.UNREADABLE as error:
         raise DataError(
             f"Cannot read the image {path} ({error}): replace it with a valid "
             "PNG or JPEG file, or delete it."
         ) from error
     if image_size is not None:
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+        converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return transforms.to_array(converted)

@@ -92,7 +92,8 @@ def chosen_variables(
 @dataclasses.dataclass(frozen=True)
 class SavedRun:
     """What evaluate, predict and export read from a checkpoint: which one and why, its meta and
-    config, and the variables of the weights the run reports ("ema" or "raw")."""
+    config, the variables of the weights the run reports ("ema" or "raw"), and the normalization
+    it trained with (builders.normalization's record)."""
 
     step: int
     why: str
@@ -100,6 +101,7 @@ class SavedRun:
     config: ml_collections.ConfigDict
     variables: dict[str, Any]
     weights: str
+    normalization: dict[str, Any]
 
 
 def load_saved_run(
@@ -114,7 +116,12 @@ def load_saved_run(
         variables, weights = chosen_variables(checkpoints, step, config)
     finally:
         checkpoints.close()
-    return SavedRun(step, why, meta, config, variables, weights)
+    # Checkpoints from before the record had RGB images and named statistics, which the config
+    # names ("auto" meant then what it means for RGB now).
+    normalization = meta.get("normalization") or builders.named_normalization(
+        builders.normalization_name(config, channels=3)
+    )
+    return SavedRun(step, why, meta, config, variables, weights, normalization)
 
 
 def eval_state(
@@ -122,10 +129,12 @@ def eval_state(
     variables: dict[str, Any],
     num_classes: int,
     image_shape: tuple[int, int, int],
+    normalization: dict[str, Any],
 ) -> ts.TrainState:
-    """A state holding only what evaluation needs: the model, its variables, the preprocessing."""
+    """A state holding only what evaluation needs: the model, its variables, the preprocessing
+    (with the run's `normalization`)."""
     model = builders.build_model(config, num_classes)
-    preprocess, input_shape = builders.build_preprocess(config, image_shape)
+    preprocess, input_shape = builders.build_preprocess(config, image_shape, normalization)
     return ts.create(
         model,
         optax.identity(),  # no optimizer state: the restored variables are all there is
@@ -173,7 +182,9 @@ def evaluate_checkpoint(
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
     batches = builders.load_batches(config, eval_batch_size=batch_size)
-    state = eval_state(config, run.variables, len(batches.class_names), batches.image_shape)
+    state = eval_state(
+        config, run.variables, len(batches.class_names), batches.image_shape, run.normalization
+    )
     if tta != "none":
         state = state.replace(apply_fn=TTA[tta](state.apply_fn))
     state = par.place_state(state)

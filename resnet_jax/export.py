@@ -7,9 +7,10 @@
 DIR holds `model.jaxexport`, StableHLO of `logits = model(preprocess(images))` with the weights
 inside, and `manifest.json` (the format and its version, the jax version, the input's shape and
 dtype, the class names, the platforms it was lowered for and the artifact's sha256). The input is
-uint8 RGB images (N, H, W, 3) at the size the run's images had, any batch size N (symbolic); the
-preprocessing is evaluation's (the config's centre crop or on-device resize, if any, and the
-normalization); the output is float32 logits (N, classes). It is lowered for the CPU and for CUDA
+uint8 images (N, H, W, C) at the size and channels the run's images had (C = 3, RGB, or 1 for a
+gray dataset), any batch size N (symbolic); the preprocessing is evaluation's (the config's centre
+crop or on-device resize, if any, and the normalization the run recorded, which the manifest
+repeats); the output is float32 logits (N, classes). It is lowered for the CPU and for CUDA
 GPUs by default (`--platforms`), which needs no GPU here. The model is lowered with plain XLA ops
 (model.kernels = "xla"): the CPU plug-in's custom calls exist only in this package's build.
 """
@@ -35,6 +36,8 @@ FORMAT_VERSION = 1
 ARTIFACT_FILE = "model.jaxexport"
 MANIFEST_FILE = "manifest.json"
 PLATFORMS = ("cpu", "cuda")
+# The manifest's words for the input's channels (transforms.MODES: what predict converts to).
+LAYOUTS = {1: "gray", 2: "gray + alpha", 3: "RGB", 4: "RGBA"}
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's lowering platforms
 
 
@@ -67,7 +70,9 @@ def export_checkpoint(
     config, meta = run.config, run.meta
     config.model.kernels = "xla"  # plain XLA ops lower for every platform
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
-    state = evaluate.eval_state(config, run.variables, len(class_names), image_shape)
+    state = evaluate.eval_state(
+        config, run.variables, len(class_names), image_shape, run.normalization
+    )
 
     def logits(images: jax.Array) -> jax.Array:
         return state.apply_fn(state.variables, state.preprocess(images, None), train=False)
@@ -86,10 +91,11 @@ def export_checkpoint(
         "input": {
             "shape": [None, *image_shape],
             "dtype": "uint8",
-            "layout": "NHWC RGB 0-255",
+            "layout": f"NHWC {LAYOUTS[image_shape[-1]]} 0-255",
             # How a photo of another size was brought to that shape (data.IMAGE_FITS).
             "fit": meta.get("image_fit", "resize"),
         },
+        "normalization": run.normalization,  # what the artifact does to its input, for reference
         "output": {"shape": [None, len(class_names)], "dtype": "float32", "meaning": "logits"},
         "class_names": class_names,
         "model": config.model.name,

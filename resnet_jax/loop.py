@@ -179,6 +179,7 @@ class Run:
     plan: Plan
     schedule: optim.Schedule
     input_shape: tuple[int, ...]
+    normalization: dict[str, Any]  # builders.normalization's record: evaluation must reuse it
     checkpoints: checkpoint.Checkpoints
     reporter: Reporter
     train_step: Any  # compiled
@@ -337,8 +338,9 @@ def save(
         "config": run.config.to_dict(),
         "num_train_examples": run.plan.num_train_examples,
         "class_names": run.batches.class_names,
-        "image_shape": list(run.batches.image_shape),
+        "image_shape": list(run.batches.image_shape),  # (H, W, C): C = 1 for gray data
         "image_fit": run.batches.image_fit,
+        "normalization": run.normalization,
         "pipeline": run.batches.pipeline,
         "epoch_train_sums": epoch_train_sums,
         # With the step, all a resumed input needs: its order follows from (seed, epoch, step).

@@ -3,12 +3,14 @@
     python -m resnet_jax.predict --workdir W cat.png truck.jpg --top_k 3
     python -m resnet_jax.predict --exported DIR cat.png   # a `resnet_jax.export` output
 
-Each image is loaded with PIL as RGB and brought to the size of the run's images: resized
-(bilinear, as memory mode resizes image folders on load) or, for a stream-mode run, resized and
-centre-cropped as its evaluation did; then preprocessed exactly as evaluation does (the on-device
-resize, if any, and the same normalization). A run that kept an EMA of its weights predicts with
-them, unless its ema.weights is "raw", as its results.json reports. With --exported, the model and
-its preprocessing are the exported artifact's: nothing is built from the model's code.
+Each image is loaded with PIL in the channels the model was trained on (a colour photo becomes
+gray, PIL's L, for a model of a gray dataset; a gray one RGB for an RGB model) and brought to the
+size of the run's images: resized (bilinear, as memory mode resizes image folders on load) or, for
+a stream-mode run, resized and centre-cropped as its evaluation did; then preprocessed exactly as
+evaluation does (the on-device resize, if any, and the normalization the run recorded, measured
+statistics included). A run that kept an EMA of its weights predicts with them, unless its
+ema.weights is "raw", as its results.json reports. With --exported, the model and its
+preprocessing are the exported artifact's: nothing is built from the model's code.
 """
 
 from __future__ import annotations
@@ -32,25 +34,26 @@ class ImageError(ValueError):
 def load_images(
     paths: list[str], image_shape: tuple[int, int, int], fit: str = "resize"
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3) images at `image_shape`'s height and width, each resized, or for
-    fit="eval_crop" (square shapes) resized and centre-cropped as stream-mode evaluation does."""
-    height, width, _ = image_shape
+    """uint8 (N, H, W, C) images of `image_shape`: each converted to its C channels (gray or
+    RGB), then resized, or for fit="eval_crop" (square shapes) resized and centre-cropped as
+    stream-mode evaluation does."""
+    height, width, channels = image_shape
     images = []
     for path in map(Path, paths):
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB")
+                converted = image.convert(transforms.MODES[channels])
         except OSError as error:  # missing file, unknown format, truncated data
             raise ImageError(
                 f"Cannot read the image {path}: {error.strerror or error}. Pass existing PNG or "
                 "JPEG files (any size; they are resized to the size the model was trained on)."
             ) from None
         if fit == "eval_crop":
-            images.append(transforms.eval_crop(rgb, height))
+            images.append(transforms.eval_crop(converted, height))
             continue
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        images.append(np.asarray(rgb, np.uint8))
+        if converted.size != (width, height):
+            converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+        images.append(transforms.to_array(converted))
     return np.stack(images)
 
 
@@ -65,7 +68,9 @@ def predict(
     run = evaluate.load_saved_run(workdir, checkpoint_path)
     class_names, image_shape = run.meta["class_names"], tuple(run.meta["image_shape"])
     images = load_images(image_paths, image_shape, run.meta.get("image_fit", "resize"))
-    state = evaluate.eval_state(run.config, run.variables, len(class_names), image_shape)
+    state = evaluate.eval_state(
+        run.config, run.variables, len(class_names), image_shape, run.normalization
+    )
     return top_classes(np.asarray(_probabilities(state, images)), class_names, top_k)
 
 

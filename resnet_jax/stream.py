@@ -1,10 +1,11 @@
 """Stream mode: datasets larger than memory, read, decoded and cropped while training, on grain.
 
 `StreamBatches` serves the same batches as memory mode (`data.Batches`): {"image": uint8 (B, S, S,
-3), "label"} for training and padded, masked ones for evaluation, with S = dataset.image_size. The
-sources are an image folder (listed, never read ahead) or a tfds dataset through
-`tfds.data_source` (ArrayRecord files, no TensorFlow while reading). grain worker processes decode
-each image and crop it the torchvision way (`transforms`): RandomResizedCrop for training,
+C), "label"} for training and padded, masked ones for evaluation, with S = dataset.image_size and C
+the channels memory mode would read (a folder's by `data.folder_channels`, a tfds dataset's as it
+declares them). The sources are an image folder (listed, never read ahead) or a tfds dataset
+through `tfds.data_source` (ArrayRecord files, no TensorFlow while reading). grain worker processes
+decode each image and crop it the torchvision way (`transforms`): RandomResizedCrop for training,
 Resize(S * 256 / 224) + CenterCrop(S) for evaluation. Flips, normalization and any other
 augmentation stay on the device, in the compiled step both modes share.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,6 +40,8 @@ from resnet_jax.config_utils import ConfigError
 
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
 MAX_CONSECUTIVE_BAD_FILES = 16
+# How many train images (at most) stream mode measures augment.normalization = "dataset" on.
+STATS_SAMPLE_SIZE = 1000
 # Batches each process (a worker, or the main one with no workers) prepares ahead, in one
 # thread: grain's default read-ahead (500 elements on 16 threads) held up to 500 batches per
 # worker, so a worker's memory grew with the dataset up to that many batches.
@@ -89,20 +93,22 @@ class TfdsSource:
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
-    """Example `i` of a training epoch: decoded, RandomResizedCrop to `size` with a generator of
-    its own (seed, epoch, i); an unreadable file is replaced by the next readable one."""
+    """Example `i` of a training epoch: decoded to `channels`, RandomResizedCrop to `size` with a
+    generator of its own (seed, epoch, i); an unreadable file is replaced by the next readable
+    one."""
 
     source: Any
     size: int
     seed: int
     epoch: int
+    channels: int = 3
 
     def __call__(self, i: np.integer) -> dict[str, Any]:
         skipped = []
         for offset in range(MAX_CONSECUTIVE_BAD_FILES):
             encoded, label, name = self.source[(int(i) + offset) % len(self.source)]
             try:
-                image = transforms.decode_image(encoded, name)
+                image = transforms.decode_image(encoded, name, transforms.MODES[self.channels])
             except transforms.BadImage as bad:
                 skipped.append((name, str(bad)))
                 continue
@@ -119,19 +125,20 @@ class TrainExample:
 
 @dataclasses.dataclass(frozen=True)
 class EvalExample:
-    """An evaluation example (index, real): decoded, Resize + CenterCrop to `size`; padding and
-    an unreadable file come out masked."""
+    """An evaluation example (index, real): decoded to `channels`, Resize + CenterCrop to `size`;
+    padding and an unreadable file come out masked."""
 
     source: Any
     size: int
+    channels: int = 3
 
     def __call__(self, index_and_real: np.ndarray) -> dict[str, Any]:
         index, real = int(index_and_real[0]), bool(index_and_real[1])
         encoded, label, name = self.source[index]
         try:
-            image = transforms.decode_image(encoded, name)
+            image = transforms.decode_image(encoded, name, transforms.MODES[self.channels])
         except transforms.BadImage as bad:
-            blank = np.zeros((self.size, self.size, 3), np.uint8)
+            blank = np.zeros((self.size, self.size, self.channels), np.uint8)
             return {"image": blank, "label": np.int32(label), "mask": False,
                     "skipped": [(name, str(bad))]}  # fmt: skip
         crop = transforms.eval_crop(image, self.size)
@@ -164,6 +171,7 @@ class StreamBatches:
         sources: dict[str, Any],
         class_names: list[str],
         image_size: int,
+        channels: int,
         *,
         batch_size: int,
         eval_batch_size: int,
@@ -174,7 +182,7 @@ class StreamBatches:
             sources, class_names, seed, workers,
         )  # fmt: skip
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.image_shape = (image_size, image_size, 3)
+        self.image_shape = (image_size, image_size, channels)
         self.split_sizes = {name: len(source) for name, source in sources.items()}
         self.skipped_files: dict[str, str] = {}
         self.image_fit = "eval_crop"  # what evaluation does to every image
@@ -188,7 +196,8 @@ class StreamBatches:
             start_step=start_step, process_index=jax.process_index(),
             process_count=jax.process_count(),
         )  # fmt: skip
-        read = TrainExample(self.sources["train"], self.image_shape[0], self.seed, epoch)
+        size, _, channels = self.image_shape
+        read = TrainExample(self.sources["train"], size, self.seed, epoch, channels)
         dataset = grain.MapDataset.source(indices.reshape(-1)).map(read)
         return self._iterate(dataset.batch(indices.shape[1], batch_fn=stack_examples))
 
@@ -200,9 +209,22 @@ class StreamBatches:
             jax.process_count(),
         )  # fmt: skip
         examples = np.stack([indices.reshape(-1), real.reshape(-1)], axis=1)
-        read = EvalExample(self.sources[split], self.image_shape[0])
+        size, _, channels = self.image_shape
+        read = EvalExample(self.sources[split], size, channels)
         dataset = grain.MapDataset.source(examples).map(read)
         return self._iterate(dataset.batch(indices.shape[1], batch_fn=stack_examples))
+
+    def channel_stats(self) -> data.Stats:
+        """The per-channel statistics of the evaluation views of a sample of STATS_SAMPLE_SIZE
+        train images drawn by the seed, decoded here (seconds, for ImageNet's JPEGs); a file that
+        cannot be read is left out."""
+        train = self.sources["train"]
+        rng = np.random.default_rng(self.seed)
+        sample = np.sort(rng.choice(len(train), min(STATS_SAMPLE_SIZE, len(train)), replace=False))
+        size, _, channels = self.image_shape
+        read = EvalExample(train, size, channels)
+        examples = (read(np.array([index, True])) for index in sample)
+        return data.channel_stats(example["image"] for example in examples if example["mask"])
 
     def _iterate(self, dataset: Any) -> Iterator[data.Batch]:
         import grain
@@ -263,18 +285,21 @@ def open_stream(config: ml_collections.ConfigDict, eval_batch_size: int) -> Stre
             "x dataset.image_size, which is 0: set it (224 for ImageNet-style training)."
         )
     if options.name.startswith(data.FOLDER_PREFIX):
-        sources, class_names = _folder_sources(config)
+        sources, class_names, channels = _folder_sources(config)
     else:
-        sources, class_names = _tfds_sources(config)
+        sources, class_names, channels = _tfds_sources(config)
     return StreamBatches(
-        sources, class_names, options.image_size, batch_size=config.batch_size,
+        sources, class_names, options.image_size, channels, batch_size=config.batch_size,
         eval_batch_size=eval_batch_size, seed=config.seed, workers=options.stream_workers,
     )  # fmt: skip
 
 
-def _folder_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[str]]:
+def _folder_sources(
+    config: ml_collections.ConfigDict,
+) -> tuple[dict[str, Any], list[str], int]:
     root = Path(config.dataset.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
     listing, class_names = data.list_folder(root)
+    channels = data.folder_channels(listing)  # memory mode's, so that both read a folder alike
     sources = {name: FolderSource(split.paths, split.labels) for name, split in listing.items()}
     if "val" not in sources and config.dataset.val_fraction > 0:
         train = listing["train"]
@@ -282,10 +307,10 @@ def _folder_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
         paths = np.array(train.paths, dtype=object)
         sources["train"] = FolderSource(list(paths[~is_val]), train.labels[~is_val])
         sources["val"] = FolderSource(list(paths[is_val]), train.labels[is_val])
-    return sources, class_names
+    return sources, class_names, channels
 
 
-def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[str]]:
+def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[str], int]:
     import tensorflow_datasets as tfds
 
     options = config.dataset
@@ -313,29 +338,30 @@ def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], li
         is_val = data.validation_mask(unlabeled, options.val_fraction, config.seed)
         sources["train"] = dataclasses.replace(train, indices=np.flatnonzero(~is_val))
         sources["val"] = dataclasses.replace(train, indices=np.flatnonzero(is_val))
-    return sources, list(builder.info.features["label"].names)
+    features = builder.info.features
+    return sources, list(features["label"].names), features["image"].shape[-1]
 
 
 def choose_pipeline(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """Memory or stream, as the config's dataset.pipeline says, and why. "auto" estimates the
-    decoded train split (examples x H x W x 3 bytes, from the folder's listing and its first
+    decoded train split (examples x H x W x C bytes, from the folder's listing and its first
     image's header, or tfds' dataset info) against dataset.memory_budget_gb, reading no image."""
     options = config.dataset
     if options.pipeline != "auto":
         return options.pipeline, f"dataset.pipeline = {options.pipeline!r}"
     budget = options.memory_budget_gb * 1e9
-    count, height_width = _train_split_size(config)
-    if height_width is None:
+    count, shape = _train_split_size(config)
+    if shape is None:
         return "stream", (
             "the images differ in size and dataset.image_size is 0, so memory mode could not "
             "hold them as one array"
         )
     if count is None:
         return "memory", "the train split's size is known only once it is prepared"
-    decoded = count * height_width[0] * height_width[1] * 3
+    decoded = count * math.prod(shape)
     fits = decoded <= budget
     return ("memory" if fits else "stream"), (
-        f"the decoded train split, {count:,} images of {height_width[0]}x{height_width[1]}x3 = "
+        f"the decoded train split, {count:,} images of {'x'.join(map(str, shape))} = "
         f"{decoded / 1e9:.3g} GB, {'fits' if fits else 'exceeds'} dataset.memory_budget_gb = "
         f"{options.memory_budget_gb:g}"
     )
@@ -343,9 +369,10 @@ def choose_pipeline(config: ml_collections.ConfigDict) -> tuple[str, str]:
 
 def _train_split_size(
     config: ml_collections.ConfigDict,
-) -> tuple[int | None, tuple[int, int] | None]:
-    """(train examples or None if unknown, (H, W) as memory mode would hold them or None if
-    they differ in size)."""
+) -> tuple[int | None, tuple[int, int, int] | None]:
+    """(train examples or None if unknown, (H, W, C) as memory mode would hold them or None if
+    they differ in size). A folder counts 3 channels, its most: whether it is gray would take
+    reading every image's header."""
     options = config.dataset
     size = (options.image_size, options.image_size) if options.image_size else None
     if options.name.startswith(data.FOLDER_PREFIX):
@@ -355,11 +382,11 @@ def _train_split_size(
         if size is None:
             with Image.open(paths[0]) as first:  # reads the header only
                 size = (first.height, first.width)
-        return len(paths), size
+        return len(paths), (*size, 3)
     data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
     info = tfds_data.tfds_builder(options.name, data_dir).info
     shape = info.features["image"].shape
     if size is None and None not in shape[:2]:
         size = tuple(shape[:2])
     count = info.splits["train"].num_examples if "train" in info.splits else None
-    return count, size
+    return count, None if size is None else (*size, shape[-1])

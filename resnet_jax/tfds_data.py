@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from resnet_jax import files
-from resnet_jax.data import FOLDER_PREFIX, DataError, Split
+from resnet_jax.data import FOLDER_PREFIX, DataError, Split, check_class_count
 
 # Enough for a connection and an answer from the dataset's host; tfds itself waits without limit.
 _NETWORK_PROBE_TIMEOUT_S = 10
@@ -52,7 +52,8 @@ def load_tfds(
 
 def tfds_builder(name: str, data_dir: str | None, **kwargs: Any) -> Any:
     """The tfds builder of an image-classification dataset (not necessarily prepared); a
-    DataError for an unknown name or a dataset without "image" and "label" features."""
+    DataError for an unknown name, a dataset without "image" and "label" features, or one whose
+    labels have a single class."""
     import tensorflow_datasets as tfds
 
     try:
@@ -72,6 +73,12 @@ def tfds_builder(name: str, data_dir: str | None, **kwargs: Any) -> Any:
             f"{name} is not an image-classification dataset (it has no 'image' and 'label' "
             "features): choose one such as 'cifar10', 'cifar100' or 'svhn_cropped'."
         )
+    num_classes = getattr(features["label"], "num_classes", None)  # a ClassLabel's, known in code
+    if num_classes is not None:
+        check_class_count(
+            num_classes, f"The tfds dataset {name}",
+            "Choose a dataset with two or more classes, or an image folder of them.",
+        )  # fmt: skip
     return builder
 
 

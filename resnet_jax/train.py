@@ -94,13 +94,15 @@ def setup(
     )
     batches = builders.load_batches(config)
     latest = checkpoints.latest_step()
+    saved = {} if latest is None else checkpoints.meta(latest)
     if latest is not None:
-        check_same_pipeline(checkpoints.meta(latest), batches.pipeline, workdir)
+        check_same_pipeline(saved, batches.pipeline, workdir)
     plan = builders.make_plan(config, batches.split_sizes["train"])
     log_plan(config, batches, plan, par)
 
     model = builders.build_model(config, len(batches.class_names), par.axis_name)
-    preprocess, input_shape = builders.build_preprocess(config, batches.image_shape)
+    normalization = builders.normalization(config, batches, saved.get("normalization"))
+    preprocess, input_shape = builders.build_preprocess(config, batches.image_shape, normalization)
     schedule = builders.build_schedule(config, plan)
     tx = builders.build_optimizer(config, schedule, model.frozen_stages)
     new_state = functools.partial(
@@ -128,8 +130,8 @@ def setup(
     reporter.keep_history_until(resumed_step)  # later records are trained again
     train_step, eval_step = builders.compile_steps(par, state, config, batches.image_shape)
     run = loop.Run(
-        config, workdir, par, batches, plan, schedule, input_shape, checkpoints, reporter,
-        train_step, eval_step,
+        config, workdir, par, batches, plan, schedule, input_shape, normalization, checkpoints,
+        reporter, train_step, eval_step,
     )  # fmt: skip
     return run, state
 

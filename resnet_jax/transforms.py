@@ -1,7 +1,8 @@
 """Host-side image transforms for the streaming pipeline, exact to torchvision's definitions.
 
-They run in the input pipeline's worker processes on PIL images and return uint8 HWC arrays:
-`decode_image` is torchvision's `default_loader`, `random_resized_crop` is `RandomResizedCrop`
+They run in the input pipeline's worker processes on PIL images and return uint8 HWC arrays (a
+gray image keeps a channel axis of 1): `decode_image` is torchvision's `default_loader` (in the
+dataset's mode: RGB, or L for gray data), `random_resized_crop` is `RandomResizedCrop`
 (the box drawn by `random_resized_crop_box` from a numpy Generator instead of torch's global RNG),
 `resize_center_crop` is `Compose([Resize(256), CenterCrop(224)])` (`eval_crop` at any size).
 tests/test_transforms.py checks each against torchvision pixel for pixel. The flip and the
@@ -17,25 +18,38 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The PIL mode that images of each channel count are read in (PNG's four: gray, gray + alpha, RGB,
+# RGBA). An image folder is gray or RGB (data.folder_channels); a tfds dataset says its count.
+MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+# What PIL raises for a file that is not a readable image. OSError: unknown format, truncated
+# data, unreadable file; the others: corrupt headers.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
 
 class BadImage(ValueError):
     """A file that is not a readable image; the streaming pipeline skips it with a warning."""
 
 
-def decode_image(data: bytes | Path, name: str = "") -> Image.Image:
-    """Decodes encoded image bytes (or reads a file) into an RGB PIL image, like torchvision.
+def to_array(image: Image.Image) -> np.ndarray:
+    """A PIL image as a uint8 HWC array; a gray one keeps a channel axis of 1."""
+    pixels = np.asarray(image, np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
-    `convert("RGB")` decodes every pixel, so a truncated file fails here, not later in a crop.
-    Raises BadImage naming `name` (or the path) when the data is not a complete image.
+
+def decode_image(data: bytes | Path, name: str = "", mode: str = "RGB") -> Image.Image:
+    """Decodes encoded image bytes (or reads a file) into a PIL image of `mode` ("RGB", or "L"
+    for gray data), like torchvision's loader.
+
+    `convert` decodes every pixel, so a truncated file fails here, not later in a crop. Raises
+    BadImage naming `name` (or the path) when the data is not a complete image.
     """
     name = name or (str(data) if isinstance(data, Path) else "<bytes>")
     try:
         image = Image.open(io.BytesIO(data.read_bytes() if isinstance(data, Path) else data))
         image.load()
-        # What convert("RGB") returns for an RGB image, without its copy of the pixels.
-        return image if image.mode == "RGB" else image.convert("RGB")
-    # OSError: unknown format, truncated data, unreadable file; the others: corrupt headers.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # What convert(mode) returns for an image in that mode, without its copy of the pixels.
+        return image if image.mode == mode else image.convert(mode)
+    except UNREADABLE as error:
         raise BadImage(f"Skipped {name}: it is not a readable image ({error}).") from error
 
 
@@ -83,13 +97,13 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> np.ndarray:
-    """torchvision's `RandomResizedCrop(size)` on a PIL image: a (size, size, 3) uint8 array.
+    """torchvision's `RandomResizedCrop(size)` on a PIL image: a (size, size, C) uint8 array.
 
     The box crop and the bilinear PIL resize of `F.resized_crop` (PIL always antialiases).
     """
     top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale, ratio)
     crop = image.crop((left, top, left + w, top + h))
-    return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+    return to_array(crop.resize((size, size), Image.Resampling.BILINEAR))
 
 
 def resize_center_crop(image: Image.Image, resize: int = 256, crop: int = 224) -> np.ndarray:
@@ -103,7 +117,7 @@ def resize_center_crop(image: Image.Image, resize: int = 256, crop: int = 224) -
     new_size = (resize, new_long) if image.width <= image.height else (new_long, resize)
     if new_size != image.size:
         image = image.resize(new_size, Image.Resampling.BILINEAR)
-    pixels = np.asarray(image)
+    pixels = to_array(image)
     pad_h, pad_w = max(crop - pixels.shape[0], 0), max(crop - pixels.shape[1], 0)
     if pad_h or pad_w:  # CenterCrop's padding: the odd pixel goes to the bottom / right
         pixels = np.pad(

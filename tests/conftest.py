@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The fast tier (`make test-fast`: pytest -m "not slow") runs no subprocess and no training loop.
 # These modules do so throughout, and tests that ask for these fixtures train a tiny run.
 END_TO_END_MODULES = {
-    "test_benchmark", "test_cli", "test_experiments", "test_faults", "test_imports",
+    "test_benchmark", "test_cli", "test_experiments", "test_faults", "test_gray", "test_imports",
     "test_multihost", "test_multihost_faults", "test_parallel", "test_reliability",
     "test_stream_training", "test_tools_cli", "test_transfer", "test_wheel",
 }  # fmt: skip

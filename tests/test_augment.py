@@ -113,6 +113,23 @@ def test_normalize_matches_the_formula(image):
     chex.assert_trees_all_close(normalized, expected.astype(np.float32), rtol=1e-5, atol=1e-5)
 
 
+def test_gray_images_go_through_every_augmentation_with_one_channel():
+    images = _batch()[..., :1]
+    preprocess = augment.make_preprocess(
+        mean=(0.5,), std=(0.25,), crop_size=24, rotation=15.0, cutout_size=8,
+        policy="trivialaugment", resize_to=40,
+    )  # fmt: skip
+    chex.assert_shape(jax.jit(preprocess)(images, jax.random.key(0)), (8, 40, 40, 1))
+    evaluated = jax.jit(preprocess)(images, None)
+    chex.assert_trees_all_close(
+        evaluated, jax.image.resize((images / 255 - 0.5) / 0.25, (8, 40, 40, 1), "bilinear"),
+        atol=1e-4,
+    )  # fmt: skip
+    # RGB statistics would broadcast a gray image to three channels: refused instead.
+    with pytest.raises(ValueError, match="one value per channel of the 1-channel images"):
+        augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+
+
 def _batch(count: int = 8) -> jax.Array:
     """`count` copies of one uint8 image, so any difference between outputs is augmentation."""
     image = np.random.default_rng(1).integers(1, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
@@ -308,7 +325,7 @@ def test_mix_and_policy_keys_that_have_no_effect_are_logged(caplog):
         {"augment": {"policy": "trivialaugment", "randaugment_magnitude": 20, "mix_prob": 0.5}}
     )
     with caplog.at_level("WARNING"):
-        builders.build_preprocess(config, (32, 32, 3))
+        builders.build_preprocess(config, (32, 32, 3), builders.named_normalization("cifar10"))
         assert builders.build_mix(config) is None
     assert (
         "Ignoring augment.randaugment_magnitude: augment.policy is 'trivialaugment'" in caplog.text
@@ -320,7 +337,9 @@ def test_mix_and_policy_keys_are_validated_and_built():
     good = config_utils.resolve(
         {"augment": {"policy": "trivialaugment", "mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
     )
-    preprocess, shape = builders.build_preprocess(good, (32, 32, 3))
+    preprocess, shape = builders.build_preprocess(
+        good, (32, 32, 3), builders.named_normalization("cifar10")
+    )
     assert preprocess.policy == "trivialaugment" and shape == (1, 32, 32, 3)
     assert builders.build_mix(good) == augment.Mix(0.2, 1.0, 1.0, 0.5)
     # The run's state carries both into its train step (shapes only: no init compiled).
@@ -332,7 +351,9 @@ def test_mix_and_policy_keys_are_validated_and_built():
     )
     assert state.mix == augment.Mix(0.2, 1.0, 1.0, 0.5) and state.preprocess == preprocess
     assert builders.build_mix(config_utils.resolve({})) is None  # off by default
-    assert builders.build_preprocess(config_utils.resolve({}), (32, 32, 3))[0].policy == "none"
+    cifar10 = builders.named_normalization("cifar10")
+    default, _ = builders.build_preprocess(config_utils.resolve({}), (32, 32, 3), cifar10)
+    assert default.policy == "none"
     bad = {
         "policy": "autoaugment",
         "mixup_alpha": -0.2,

@@ -248,10 +248,11 @@ def test_a_damaged_safetensors_file_is_explained(tmp_path):
         convert.load_pretrained({}, damaged, "resnet18")
 
 
-def fresh_variables(model: models.ResNet) -> dict:
-    """Random stand-ins for `model.init`'s variables, without compiling the model."""
+def fresh_variables(model: models.ResNet, channels: int = 3) -> dict:
+    """Random stand-ins for `model.init`'s variables on images of `channels`, without compiling
+    the model."""
     rng = np.random.default_rng(1)
-    shapes = models.init_shapes(model, (1, 32, 32, 3))
+    shapes = models.init_shapes(model, (1, 32, 32, channels))
     return jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape, np.float32), shapes)
 
 
@@ -283,6 +284,25 @@ def test_load_pretrained_into_cifar_stem_keeps_conv1_fresh(tmp_path):
     assert report.new == ["conv1/kernel"]
     assert "bn1/scale" in report.loaded
     chex.assert_trees_all_equal(variables["params"]["conv1"], fresh["params"]["conv1"])
+
+
+def test_rgb_weights_load_into_a_gray_model_with_the_stem_summed_over_rgb(tmp_path):
+    path = save_weights(torch_reference("resnet18")[0], tmp_path / "resnet18.safetensors")
+    model = models.get_model("resnet18", num_classes=1000)
+    rgb, rgb_report = convert.load_pretrained(fresh_variables(model), path, "resnet18")
+    gray, report = convert.load_pretrained(fresh_variables(model, channels=1), path, "resnet18")
+
+    assert report.new == [] and not rgb_report.adapted
+    assert "conv1/kernel summed over RGB for gray images" in report.summary()
+    chex.assert_shape(gray["params"]["conv1"]["kernel"], (7, 7, 1, 64))
+    images = np.random.default_rng(2).normal(size=(2, 64, 64, 1)).astype(np.float32)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    gray_logits = np.asarray(apply(gray, images))
+    # A gray image repeated in R, G and B through the RGB net: the same logits.
+    np.testing.assert_allclose(
+        gray_logits, apply(rgb, np.repeat(images, 3, axis=-1)), rtol=1e-4, atol=1e-4
+    )
+    assert np.abs(gray_logits).max() > 0.1  # not a degenerate agreement
 
 
 def test_load_pretrained_into_a_plain_twin_reports_the_unused_projections(tmp_path):

@@ -139,6 +139,29 @@ def test_checksum_of_a_repacked_archive_is_verified(tmp_path, no_network):
 
 
 @pytest.mark.tfds
+def test_a_tfds_dataset_of_one_class_is_refused_before_it_is_prepared(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class OneClassImages(tfds.core.GeneratorBasedBuilder):  # registered as one_class_images
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"image": tfds.features.Image(shape=(8, 8, 1)),
+                        "label": tfds.features.ClassLabel(names=["only"])}  # fmt: skip
+            return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            raise AssertionError("the dataset is refused before it is prepared")
+
+        def _generate_examples(self):
+            raise AssertionError("the dataset is refused before it is prepared")
+
+    with pytest.raises(data.DataError, match="one_class_images has 1 class, and a classifier"):
+        data.load("one_class_images", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.tfds
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(data.DataError, match=r"'cifar10'.*folder:"):
         data.load("cifar_ten", str(tmp_path))
@@ -172,6 +195,55 @@ def test_image_folder(image_folder):
     np.testing.assert_array_equal(dataset.test.labels, [0, 0, 1, 1])
     first = np.asarray(Image.open(image_folder / "train" / "cat" / "0.PNG"))
     np.testing.assert_array_equal(dataset.train.images[0], first)
+
+
+def _gray_folder(root: Path, mode: str = "L") -> Path:
+    """train/ and test/ of two classes of 8x8 single-channel PNGs (`mode` "L" or 16-bit "I;16")
+    whose values are 0..255."""
+    rng = np.random.default_rng(0)
+    for split, count in [("train", 3), ("test", 2)]:
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (8, 8)).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                image = image.convert("I").convert(mode) if mode != "L" else image
+                image.save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_a_gray_folder_loads_with_one_channel(tmp_path, mode):
+    dataset = data.load(f"folder:{_gray_folder(tmp_path, mode)}")
+    assert dataset.image_shape == (8, 8, 1)
+    with Image.open(tmp_path / "train" / "cat" / "0.png") as first:
+        assert first.mode == mode
+        # The values that the RGB conversion put in each of three channels before.
+        np.testing.assert_array_equal(
+            dataset.train.images[0, ..., 0], np.asarray(first.convert("RGB"))[..., 0]
+        )
+
+
+def test_one_colour_image_makes_a_gray_folder_rgb(tmp_path):
+    root = _gray_folder(tmp_path)
+    _write_images(root / "test" / "dog", 1, seed=3)  # a colour 0.png replaces a gray one
+    dataset = data.load(f"folder:{root}")
+    assert dataset.image_shape == (8, 8, 3)
+    with Image.open(root / "train" / "cat" / "0.png") as gray:
+        np.testing.assert_array_equal(dataset.train.images[0], np.asarray(gray.convert("RGB")))
+    assert data.folder_channels(data.list_folder(root)[0]) == 3
+
+
+def test_a_folder_of_one_class_is_refused(image_folder):
+    for split in ("train", "test"):
+        for path in (image_folder / split / "dog").iterdir():
+            path.unlink()
+        (image_folder / split / "dog").rmdir()
+    with pytest.raises(data.DataError) as error:
+        data.load(f"folder:{image_folder}")
+    message = str(error.value)
+    assert f"{image_folder} (cat) has 1 class" in message and "at least two" in message
+    assert "Add a subfolder" in message and "\n" not in message
 
 
 def test_image_folder_resizes_and_uses_its_val_split(image_folder):
@@ -253,6 +325,38 @@ def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
 def test_validation_fraction_out_of_range(tmp_path):
     with pytest.raises(data.DataError, match="val_fraction"):
         data.load(f"folder:{tmp_path}", val_fraction=1.0)
+
+
+# --- normalization statistics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channel_stats_are_the_pixels_mean_and_std_per_channel(channels):
+    images = np.random.default_rng(channels).integers(0, 256, (50, 6, 5, channels), np.uint8)
+    mean, std = data.channel_stats([images])
+    scaled = images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, scaled.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(std, scaled.std(axis=(0, 1, 2)), rtol=1e-9)
+    assert len(mean) == len(std) == channels
+    # Batches or single images, in any order: the same figures to the last bit.
+    assert data.channel_stats(images[::-1]) == data.channel_stats([images[:7], images[7:]])
+    assert data.channel_stats(images[::-1]) == (mean, std)
+
+
+def test_memory_batches_measure_the_train_split_after_the_validation_carve(tmp_path):
+    _write_indexed_folder(tmp_path, [10, 5])  # pixel values are the image indices
+    dataset = data.load(f"folder:{tmp_path}", val_fraction=0.2)
+    mean, _ = data.MemoryBatches(dataset, 4, 4, seed=0).channel_stats()
+    np.testing.assert_allclose(mean, [dataset.train.images.mean() / 255] * 3, rtol=1e-12)
+    uncarved = data.load(f"folder:{tmp_path}")
+    assert mean != data.MemoryBatches(uncarved, 4, 4, seed=0).channel_stats()[0]
+
+
+def test_a_constant_channel_has_no_spread_to_normalize_by():
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[..., 1] = np.arange(16).reshape(4, 4)
+    with pytest.raises(data.DataError, match=r"channel\(s\) \[0, 2\]"):
+        data.channel_stats([images])
 
 
 # --- batches ----------------------------------------------------------------------------------

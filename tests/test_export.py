@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import evaluate, export, predict
+from resnet_jax import augment, evaluate, export, predict
 from tests.fake_cifar import CIFAR10_CLASS_NAMES
 
 
@@ -29,7 +29,9 @@ def checkpoint_logits(workdir, images: np.ndarray) -> np.ndarray:
     finally:
         checkpoints.close()
     config = evaluate.saved_config(meta, data_dir=None)
-    state = evaluate.eval_state(config, variables, 10, tuple(meta["image_shape"]))
+    state = evaluate.eval_state(
+        config, variables, 10, tuple(meta["image_shape"]), meta["normalization"]
+    )
     return np.asarray(state.apply_fn(state.variables, state.preprocess(images, None), train=False))
 
 
@@ -56,6 +58,9 @@ def test_the_manifest_describes_the_artifact(trained_run, exported_dir):
         "shape": [None, 32, 32, 3], "dtype": "uint8", "layout": "NHWC RGB 0-255",
         "fit": "resize",  # a memory-mode run: photos are resized, not centre-cropped
     }  # fmt: skip
+    assert manifest["normalization"] == {
+        "name": "cifar10", "mean": list(augment.CIFAR10_MEAN), "std": list(augment.CIFAR10_STD)
+    }  # fmt: skip
     assert manifest["jax_version"] == jax.__version__
     assert manifest["class_names"] == list(CIFAR10_CLASS_NAMES)
     assert manifest["platforms"] == ["cpu", "cuda"] == list(exported.platforms)
@@ -77,6 +82,26 @@ def test_predict_from_the_export_equals_predict_from_the_checkpoint(trained_run,
     for exported_top, checkpoint_top in zip(from_export, from_checkpoint, strict=True):
         assert [name for name, _ in exported_top] == [name for name, _ in checkpoint_top]
         assert [p for _, p in exported_top] == pytest.approx([p for _, p in checkpoint_top])
+
+
+def test_a_checkpoint_from_before_the_normalization_record_predicts_as_before(
+    trained_run, tmp_path
+):
+    old = tmp_path / "old_run"
+    shutil.copytree(trained_run["workdir"], old)
+    for meta_file in old.glob("checkpoints/*/meta/metadata"):  # as a run saved them before
+        meta = json.loads(meta_file.read_text())
+        assert meta.pop("normalization")["name"] == "cifar10"
+        meta_file.write_text(json.dumps(meta))
+    # Its config's "auto" on RGB CIFAR-10 from scratch: CIFAR-10's statistics, as it trained with.
+    assert evaluate.load_saved_run(str(old), None).normalization["name"] == "cifar10"
+    test_loss = json.loads((old / "results.json").read_text())["test_loss"]
+    assert evaluate.evaluate_checkpoint(str(old))["test_loss"] == pytest.approx(test_loss)
+    photo = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    predict.Image.fromarray(pixels).save(photo)
+    from_old = predict.predict([str(photo)], workdir=str(old), top_k=10)
+    assert from_old == predict.predict([str(photo)], workdir=str(trained_run["workdir"]), top_k=10)
 
 
 def damage(directory, how: str) -> None:

@@ -36,13 +36,15 @@ def test_report_004s_crop_trains_and_evaluates_at_24x24():
         {"augment": {"crop_size": 24, "resize_crop": False, "rotation": 180.0,
                      "rotation_from_zero": True, "rotation_interpolation": "nearest"}}
     )  # fmt: skip
-    preprocess, input_shape = builders.build_preprocess(config, (32, 32, 3))
+    preprocess, input_shape = builders.build_preprocess(
+        config, (32, 32, 3), builders.named_normalization("cifar10")
+    )
     assert input_shape == (1, 24, 24, 3)
     images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
     assert preprocess(images, jax.random.key(0)).shape == (2, 24, 24, 3)
     config.augment.crop_size = 40
     with pytest.raises(config_utils.ConfigError, match="centre crop"):
-        builders.build_preprocess(config, (32, 32, 3))
+        builders.build_preprocess(config, (32, 32, 3), builders.named_normalization("cifar10"))
 
 
 class _Checkpoints:

@@ -159,6 +159,7 @@ def test_box_statistics_match_torchvision(shape, settings):
 
 
 SIZE = 32
+CIFAR10 = builders.named_normalization("cifar10")
 MEAN, STD = augment.CIFAR10_MEAN, augment.CIFAR10_STD
 
 
@@ -225,16 +226,16 @@ def test_erasing_keys_are_built_validated_and_logged_when_ignored(caplog):
     config = config_utils.resolve(
         {"augment": {"random_erasing": 0.5, "random_erasing_max_area": 0.4}}
     )
-    preprocess, _ = builders.build_preprocess(config, (SIZE, SIZE, 3))
+    preprocess, _ = builders.build_preprocess(config, (SIZE, SIZE, 3), CIFAR10)
     assert (preprocess.erasing_prob, preprocess.erasing_max_area) == (0.5, 0.4)
     assert (preprocess.erasing_min_area, preprocess.erasing_min_aspect) == (0.02, 0.3)
     assert preprocess.erasing_mode == "const"
-    default, _ = builders.build_preprocess(config_utils.resolve({}), (SIZE, SIZE, 3))
+    default, _ = builders.build_preprocess(config_utils.resolve({}), (SIZE, SIZE, 3), CIFAR10)
     assert default == augment.make_preprocess(mean=MEAN, std=STD)  # off by default
 
     ignored = config_utils.resolve({"augment": {"random_erasing_mode": "pixel"}})
     with caplog.at_level("WARNING"):
-        builders.build_preprocess(ignored, (SIZE, SIZE, 3))
+        builders.build_preprocess(ignored, (SIZE, SIZE, 3), CIFAR10)
     assert (
         "Ignoring augment.random_erasing_mode: random erasing is off (augment.random_erasing = 0)"
         in caplog.text

@@ -17,6 +17,7 @@ from PIL import Image
 
 from resnet_jax import config_utils, data, stream, tfds_data, transforms, workdir
 from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
+from tests.fake_mnist import prepare_fake_fashion_mnist
 from tests.test_data import _refuse_network
 
 
@@ -82,7 +83,8 @@ def test_each_process_reads_its_own_slice_of_every_batch(folder, monkeypatch):
 
 
 def test_reading_ahead_is_bounded_not_the_epoch(tmp_path):
-    root = jpeg_folder(tmp_path / "images", {"train": {"a": 40}, "test": {"a": 1}}, size=(8, 8))
+    layout = {"train": {"a": 20, "b": 20}, "test": {"a": 1, "b": 1}}
+    root = jpeg_folder(tmp_path / "images", layout, size=(8, 8))
     batches = stream.open_stream(stream_config(root), eval_batch_size=4)
     read = set()
     source = batches.sources["train"]
@@ -132,9 +134,42 @@ def test_an_unreadable_file_is_skipped_once_with_a_warning(folder, caplog):
     assert sum(int(b["mask"].sum()) for b in test) == 5  # the unreadable test file is masked out
 
 
+@pytest.mark.parametrize("colour_image", [False, True])
+def test_a_folder_streams_with_the_channels_memory_mode_reads(tmp_path, colour_image):
+    root = jpeg_folder(tmp_path, {"train": {"a": 4, "b": 4}, "test": {"a": 1, "b": 1}})
+    for path in root.glob("*/*/*.jpg"):
+        Image.open(path).convert("L").save(path)
+    if colour_image:  # one is enough to make the folder RGB, in both modes
+        jpeg_folder(root, {"test": {"b": 1}})
+    memory = data.load(f"folder:{root}", image_size=16)
+    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    channels = 3 if colour_image else 1
+    assert batches.image_shape == memory.image_shape == (16, 16, channels)
+    assert all(b["image"].shape == (4, 16, 16, channels) for b in batches.train_batches(0))
+    test = next(batches.eval_batches("test"))["image"]
+    with Image.open(root / "test" / "a" / "0.jpg") as first:
+        expected = transforms.eval_crop(first.convert(transforms.MODES[channels]), 16)
+    np.testing.assert_array_equal(test[0], expected)
+
+
+def test_dataset_statistics_come_from_a_seeded_sample_of_train_views(folder, monkeypatch):
+    batches = stream.open_stream(stream_config(folder, val_fraction=0.25), eval_batch_size=4)
+    train = batches.sources["train"]
+
+    def views(paths):
+        return [transforms.eval_crop(Image.open(path).convert("RGB"), 16) for path in paths]
+
+    # Every train image (after the validation carve) when there are fewer than the sample size.
+    assert batches.channel_stats() == data.channel_stats(views(train.paths))
+    monkeypatch.setattr(stream, "STATS_SAMPLE_SIZE", 4)
+    sample = np.random.default_rng(0).choice(len(train), 4, replace=False)  # config.seed's
+    assert batches.channel_stats() == data.channel_stats(views(np.take(train.paths, sample)))
+    assert batches.channel_stats() != data.channel_stats(views(train.paths))
+
+
 def test_a_damaged_dataset_is_not_skipped_file_by_file(tmp_path):
-    root = jpeg_folder(tmp_path, {"train": {"a": 20}, "test": {"a": 1}})
-    for path in (root / "train" / "a").iterdir():
+    root = jpeg_folder(tmp_path, {"train": {"a": 10, "b": 10}, "test": {"a": 1, "b": 1}})
+    for path in (root / "train").glob("*/*"):
         path.write_bytes(b"")
     batches = stream.open_stream(stream_config(root), eval_batch_size=4)
     with pytest.raises(data.DataError, match="16 files in a row cannot be decoded"):
@@ -205,6 +240,36 @@ def test_a_tfds_dataset_streams_from_its_array_record_files(tmp_path, monkeypatc
     expected = sorted(
         (int(label), transforms.eval_crop(Image.fromarray(image), 32).tobytes())
         for image, label in zip(written.test_images, written.test_labels, strict=True)
+    )
+    assert got == expected
+
+
+@pytest.mark.tfds
+def test_a_gray_tfds_dataset_streams_with_its_one_channel(tmp_path):
+    written = prepare_fake_fashion_mnist(
+        tmp_path, n_train=20, n_test=10, file_format="array_record"
+    )
+    config = config_utils.default_config()
+    config.dataset.update(
+        name="fashion_mnist", data_dir=str(tmp_path), verify_checksums=False, pipeline="auto",
+        image_size=28, val_fraction=0.0, stream_workers=0,
+    )  # fmt: skip
+    config.batch_size, config.eval_batch_size = 4, 4
+    config = config_utils.resolve(config)
+    assert "20 images of 28x28x1" in stream.choose_pipeline(config)[1]  # its declared channels
+    config.dataset.pipeline = "stream"
+    batches = stream.open_stream(config, eval_batch_size=4)
+    assert batches.image_shape == (28, 28, 1)
+    assert all(b["image"].shape == (4, 28, 28, 1) for b in batches.train_batches(epoch=0))
+    got = sorted(
+        image.tobytes()
+        for batch in batches.eval_batches("test")
+        for image, real in zip(batch["image"], batch["mask"], strict=True)
+        if real
+    )
+    expected = sorted(
+        transforms.eval_crop(Image.fromarray(image[..., 0]), 28).tobytes()
+        for image in written.test_images
     )
     assert got == expected
 

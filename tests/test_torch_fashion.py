@@ -2,13 +2,11 @@
 shortcut, crop + flip, random erasing, idx reading, statistics, schedule) and one `--quick` run in
 a subprocess on a fake Fashion-MNIST written in the real idx .gz format."""
 
-import gzip
 import json
 import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,39 +14,16 @@ import torch
 
 from experiments import torch_fashion as tf
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S
+from tests.fake_mnist import write_fake_fashion_mnist
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """A uint8 array as a gzipped idx file: magic 0x0000080<ndim>, the dims as big-endian uint32,
-    the bytes (0x00000803 for N x 28 x 28 images, 0x00000801 for N labels)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+def test_idx_files_read_back_and_channel_stats(tmp_path):
+    fake = write_fake_fashion_mnist(tmp_path, n_train=5, n_test=3)
 
-
-def write_fake_fashion_mnist(directory: Path, n_train: int = 600, n_test: int = 300) -> Path:
-    """The four Fashion-MNIST files, random 28x28 images whose brightness follows the label."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        noise = rng.integers(0, 40, (n, 28, 28))
-        images = (noise + labels[:, None, None] * 20).astype(np.uint8)
-        image_file, label_file = tf.FILES[split]
-        write_idx(directory / image_file, images)
-        write_idx(directory / label_file, labels)
-    return directory
-
-
-def test_idx_round_trip_and_channel_stats(tmp_path):
-    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    write_idx(tmp_path / "x.gz", images)
-    with gzip.open(tmp_path / "x.gz") as f:
-        assert f.read(4) == bytes.fromhex("00000803")
-    np.testing.assert_array_equal(tf.read_idx(tmp_path / "x.gz"), images)
-    mean, std = tf.channel_stats(torch.from_numpy(images).unsqueeze(1))
+    images = tf.read_idx(tmp_path / tf.FILES["train"][0])
+    np.testing.assert_array_equal(images, fake.train_images[..., 0])
+    np.testing.assert_array_equal(tf.read_idx(tmp_path / tf.FILES["test"][1]), fake.test_labels)
+    mean, std = tf.channel_stats(torch.from_numpy(images.copy()).unsqueeze(1))
     assert mean[0] == pytest.approx(images.mean() / 255)
     assert std[0] == pytest.approx(images.std() / 255)
 
@@ -135,7 +110,8 @@ def test_stratified_split_and_schedules():
 
 @pytest.mark.slow  # a subprocess that trains
 def test_quick_run_on_fake_data(tmp_path):
-    data_dir = write_fake_fashion_mnist(tmp_path / "fashion")
+    data_dir = tmp_path / "fashion"
+    write_fake_fashion_mnist(data_dir, n_train=600, n_test=300)
     summary_path = tmp_path / "summary.json"
     command = [
         sys.executable, "experiments/torch_fashion.py", "--quick", f"--data_dir={data_dir}",

@@ -169,16 +169,19 @@ def test_num_steps_cuts_the_last_epoch():
 
 
 @pytest.mark.parametrize(
-    ("normalization", "pretrained", "dataset", "expected"),
+    ("normalization", "pretrained", "dataset", "channels", "expected"),
     [
-        ("auto", False, "cifar10", "CIFAR10"),
-        ("auto", True, "cifar10", "IMAGENET"),
-        ("auto", False, "svhn_cropped", "IMAGENET"),
-        ("cifar10", True, "cifar10", "CIFAR10"),
-        ("imagenet", False, "cifar10", "IMAGENET"),
+        ("auto", False, "cifar10", 3, "cifar10"),
+        ("auto", True, "cifar10", 3, "imagenet"),
+        ("auto", False, "svhn_cropped", 3, "imagenet"),
+        ("auto", False, "fashion_mnist", 1, "dataset"),
+        ("auto", True, "fashion_mnist", 1, "dataset"),  # no RGB statistics for gray images
+        ("cifar10", True, "cifar10", 3, "cifar10"),
+        ("imagenet", False, "cifar10", 3, "imagenet"),
+        ("dataset", False, "cifar10", 3, "dataset"),
     ],
 )
-def test_normalization_statistics(normalization, pretrained, dataset, expected, tmp_path):
+def test_normalization_choice(normalization, pretrained, dataset, channels, expected, tmp_path):
     weights = tmp_path / "weights.pth"
     weights.touch()
     config = config_utils.resolve(
@@ -188,13 +191,51 @@ def test_normalization_statistics(normalization, pretrained, dataset, expected, 
             "dataset": {"name": dataset},
         }
     )
-    from resnet_jax import augment
+    assert builders.normalization_name(config, channels) == expected
+    if expected != "dataset":
+        from resnet_jax import augment
 
-    mean, std = builders.normalization_stats(config)
-    assert (mean, std) == (
-        getattr(augment, f"{expected}_MEAN"),
-        getattr(augment, f"{expected}_STD"),
+        record = builders.named_normalization(expected)
+        assert (tuple(record["mean"]), tuple(record["std"])) == augment.NAMED_STATS[expected]
+
+
+@pytest.mark.parametrize("normalization", ["cifar10", "imagenet"])
+def test_rgb_statistics_for_gray_images_are_refused(normalization):
+    config = config_utils.resolve(
+        {"augment": {"normalization": normalization}, "dataset": {"name": "fashion_mnist"}}
     )
+    with pytest.raises(config_utils.ConfigError) as error:
+        builders.normalization_name(config, channels=1)
+    message = str(error.value)
+    assert f"{normalization}'s three RGB statistics" in message and "fashion_mnist" in message
+    assert "augment.normalization to 'dataset'" in message and "\n" not in message
+
+
+class _MeasuredBatches:
+    """The two things builders.normalization asks of a run's batches; counts the measurements."""
+
+    image_shape = (8, 8, 1)
+
+    def __init__(self):
+        self.measured = 0
+
+    def channel_stats(self):
+        self.measured += 1
+        return (0.25,), (0.5,)
+
+
+def test_dataset_statistics_are_measured_at_the_start_and_kept_on_resume():
+    config = config_utils.resolve({"augment": {"normalization": "dataset"}})
+    batches = _MeasuredBatches()
+    record = builders.normalization(config, batches)
+    assert record == {"name": "dataset", "mean": [0.25], "std": [0.5]}
+    assert builders.normalization(config, batches, saved=record) == record
+    assert batches.measured == 1  # the resumed run reused its checkpoint's figures
+    # A run resumed with "dataset" after named statistics measures its data.
+    batches.image_shape = (8, 8, 3)
+    batches.channel_stats = lambda: ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    measured = builders.normalization(config, batches, builders.named_normalization("imagenet"))
+    assert measured["name"] == "dataset" and measured["mean"] == [0.1, 0.2, 0.3]
 
 
 # --- What a config builds ----------------------------------------------------------------------
@@ -245,7 +286,9 @@ def test_pretrained_weights_are_loaded_where_they_fit(tmp_path):
         {"model": {"name": "resnet18", "stem": "imagenet", "pretrained": str(path)}}
     )
     model = builders.build_model(config, num_classes=10)
-    _, input_shape = builders.build_preprocess(config, (32, 32, 3))
+    _, input_shape = builders.build_preprocess(
+        config, (32, 32, 3), builders.named_normalization("imagenet")
+    )
     variables = builders.pretrained_variables(config, model, input_shape)
     weights = torch.load(path)
     np.testing.assert_array_equal(

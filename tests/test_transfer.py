@@ -86,7 +86,9 @@ def transfer_config(pretrained: Path, data: Path, cache_dir: Path, **model: Any)
 def start_variables(config) -> dict[str, Any]:
     """The variables the trainer starts from: the weights loaded into its fresh init."""
     model = builders.build_model(config, num_classes=len(CLASSES))
-    _, input_shape = builders.build_preprocess(config, (24, 24, 3))
+    _, input_shape = builders.build_preprocess(
+        config, (24, 24, 3), builders.named_normalization("imagenet")
+    )
     return builders.pretrained_variables(config, model, input_shape)
 
 
@@ -141,6 +143,29 @@ def test_a_frozen_backbone_with_a_new_head_runs_end_to_end(
             np.testing.assert_array_equal(value, converted[path], err_msg=str(path))
 
 
+def test_rgb_weights_start_a_gray_run_with_the_stem_summed_over_rgb(
+    pretrained, two_classes, cache_dir, caplog
+):
+    caplog.set_level(logging.INFO, logger="absl")
+    config = transfer_config(pretrained, two_classes, cache_dir)
+    assert config.augment.normalization == "imagenet"  # the recipe's: RGB, refused for gray
+    with pytest.raises(config_utils.ConfigError, match=r"augment\.normalization to 'dataset'"):
+        builders.normalization_name(config, channels=1)
+    gray = {"name": "dataset", "mean": [0.5], "std": [0.25]}
+    _, input_shape = builders.build_preprocess(config, (24, 24, 1), gray)
+    model = builders.build_model(config, num_classes=len(CLASSES))
+
+    variables = flat(builders.pretrained_variables(config, model, input_shape))
+
+    assert "conv1/kernel summed over RGB for gray images" in caplog.text
+    converted = flat(convert.torchvision_to_flax(pretrained, "resnet18"))
+    stem = ("params", "conv1", "kernel")
+    np.testing.assert_allclose(variables[stem], converted[stem].sum(axis=2, keepdims=True))
+    np.testing.assert_array_equal(
+        variables["params", "bn1", "scale"], converted["params", "bn1", "scale"]
+    )
+
+
 def test_freezing_the_first_stage_keeps_the_stem_and_stage_1_and_trains_the_rest(
     pretrained, two_classes, cache_dir, tmp_path
 ):
@@ -175,7 +200,7 @@ def test_the_transfer_configs_resolve_and_wire_pretrained_inputs():
         20,
     )
     assert builders.build_model(transfer, num_classes=2).frozen_stages == 4  # all four stages
-    assert builders.normalization_stats(transfer)[0] == pytest.approx((0.485, 0.456, 0.406))
+    assert builders.normalization_name(transfer, channels=3) == "imagenet"
 
     finetune = config_utils.resolve(load_recipe("r50_finetune"))
     assert (finetune.model.name, finetune.model.stem, finetune.model.freeze) == (
@@ -183,8 +208,10 @@ def test_the_transfer_configs_resolve_and_wire_pretrained_inputs():
         "imagenet",
         "none",
     )
-    assert builders.normalization_stats(finetune)[0] == pytest.approx((0.485, 0.456, 0.406))
-    _, input_shape = builders.build_preprocess(finetune, (32, 32, 3))
+    assert builders.normalization_name(finetune, channels=3) == "imagenet"
+    _, input_shape = builders.build_preprocess(
+        finetune, (32, 32, 3), builders.named_normalization("imagenet")
+    )
     assert input_shape == (1, 224, 224, 3)  # CIFAR-10 resized on the device
     for name in ("r34_transfer", "r50_finetune"):
         assert "resnet_jax.convert" in (REPO_ROOT / "configs" / f"{name}.py").read_text()

@@ -50,6 +50,30 @@ def test_decode_equals_torchvision_default_loader(tmp_path, mode):
     np.testing.assert_array_equal(np.asarray(from_path), expected)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_gray_data_decodes_as_pil_converts_it_to_l(tmp_path, mode):
+    image = _photo(37, 53).convert(mode if mode != "I;16" else "I").convert(mode)
+    path = tmp_path / "image.png"
+    image.save(path)
+    gray = transforms.decode_image(path, mode="L")
+    assert gray.mode == "L"
+    with Image.open(path) as stored:
+        np.testing.assert_array_equal(np.asarray(gray), np.asarray(stored.convert("L")))
+    assert transforms.to_array(gray).shape == (37, 53, 1)
+
+
+def test_gray_crops_keep_a_channel_axis_and_the_rgb_crops_values():
+    gray = _photo(150, 97).convert("L")
+    as_rgb = gray.convert("RGB")  # three equal channels: each crop's channel is the gray crop
+    crop = transforms.random_resized_crop(gray, np.random.default_rng(3), 32)
+    rgb_crop = transforms.random_resized_crop(as_rgb, np.random.default_rng(3), 32)
+    assert crop.shape == (32, 32, 1) and crop.dtype == np.uint8
+    np.testing.assert_array_equal(crop[..., 0], rgb_crop[..., 0])
+    evaluated = transforms.eval_crop(gray, 224)  # smaller than the crop: padded
+    assert evaluated.shape == (224, 224, 1)
+    np.testing.assert_array_equal(evaluated[..., 0], transforms.eval_crop(as_rgb, 224)[..., 0])
+
+
 def test_decode_jpeg_equals_torchvision_default_loader(tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_bytes(_encoded(_photo(120, 90)))
