@@ -270,6 +270,13 @@ def test_off_the_shim_only_convs_that_get_a_kernel_gradient_materialize_their_in
     assert calls["materialized"] == trained
 
 
+def test_only_a_float32_input_is_materialized():
+    x = jnp.ones((2, 4, 4, 3))
+
+    assert "dot_general" in str(jax.make_jaxpr(kernels.materialized)(x))
+    assert "dot_general" not in str(jax.make_jaxpr(kernels.materialized)(x.astype(jnp.bfloat16)))
+
+
 # -- each kernel against the op it stands in for ------------------------------------------------
 
 CONV_CASES = [

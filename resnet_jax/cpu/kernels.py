@@ -35,8 +35,10 @@ def materialized(x: jax.Array) -> jax.Array:
     transposed, cache-hostile order. A matmul by the identity is a library call that XLA does not
     fuse through, so the copy becomes a plain transpose of a stored array. Bit-exact for finite
     `x` (each output is x_j * 1 plus exact zeros); an inf would make its pixel's other channels NaN.
+    float32 only, where it was measured: a bfloat16 conv reaches XLA only on a CPU without
+    AVX-512 (elsewhere oneDNN runs it), and there the bfloat16 matmul cost more than it saved.
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32:
         return x
     return _identity_matmul(x)
 
