@@ -318,7 +318,7 @@ def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"Unknown {what} {value!r}; valid choices are: {valid}.")
 
 
-def resolve_kernels(kernels: str, dtype: Dtype = jnp.float32) -> str:
+def resolve_kernels(kernels: str) -> str:
     """The kernel set, "xla" or "cpu", that `kernels` ("auto", "xla" or "cpu") means here.
 
     "auto" is the CPU set only where it was measured faster than plain Flax: a single CPU device

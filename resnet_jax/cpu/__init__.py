@@ -11,6 +11,12 @@
 Importing this package changes nothing in the process.
 """
 
-from resnet_jax.cpu.process import setup, setup_if_cpu, will_run_on_cpu
+from resnet_jax.cpu.process import (
+    ISA_CAPS,
+    isa_capped_environment,
+    setup,
+    setup_if_cpu,
+    will_run_on_cpu,
+)
 
-__all__ = ["setup", "setup_if_cpu", "will_run_on_cpu"]
+__all__ = ["ISA_CAPS", "isa_capped_environment", "setup", "setup_if_cpu", "will_run_on_cpu"]

@@ -60,7 +60,35 @@ MIN_JAXLIB = (0, 10)
 # accelerator: with one of them JAX prefers it to the CPU.
 ACCELERATOR_PLUGINS = ("jax-cuda", "jax-rocm", "libtpu")
 
+# An older x86 CPU, imitated on a newer one: for each instruction-set cap, the setting by which
+# each library that picks its code by CPU is held to it (oneDNN: the shim's and PyTorch's convs;
+# XLA:CPU's generated code; PyTorch's own kernels). Eigen inside XLA is compiled for the wheel's
+# baseline and YNNPACK dispatches on its own, so neither changes with the cap.
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "AVX2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "--xla_cpu_max_isa": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+    },
+}
+
 log = logging.getLogger(__name__)
+
+
+def isa_capped_environment(isa: str, environ: MutableMapping[str, str] | None = None) -> dict:
+    """A copy of `environ` (default: this process's) in which oneDNN, XLA:CPU and PyTorch use no
+    instruction set beyond `isa` (a key of `ISA_CAPS`), as on a CPU that has no more.
+
+    For tests and benchmarks of what an older CPU gets: the libraries read these when they start,
+    so give it to a new process (or apply it before JAX starts a backend and torch is imported).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    for name, value in ISA_CAPS[isa].items():
+        if name.startswith("--"):
+            environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {name}={value}".strip()
+        else:
+            environ[name] = value
+    return environ
 
 
 def switched_off(variable: str, environ: MutableMapping[str, str] | None = None) -> bool:
