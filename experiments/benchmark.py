@@ -98,9 +98,11 @@ def gemm_peak(size: int, repeats: int = 5) -> dict[str, float]:
 # The JAX side
 
 
-def make_state(name: str, dtype: Any = jnp.float32, preprocess=None) -> train_state.TrainState:
+def make_state(
+    name: str, dtype: Any = jnp.float32, preprocess=None, kernels: str = "auto"
+) -> train_state.TrainState:
     arch, stem = MODELS[name]
-    model = models.get_model(arch, NUM_CLASSES, stem=stem, dtype=dtype)
+    model = models.get_model(arch, NUM_CLASSES, stem=stem, dtype=dtype, kernels=kernels)
     tx = optim.make_optimizer("sgd", LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     kwargs = {"preprocess": preprocess} if preprocess is not None else {}
     return train_state.create(
@@ -128,9 +130,12 @@ def flops_of(compiled: Any) -> float:
 class JaxTrainer:
     """The compiled train step on one state and one device-resident batch."""
 
-    def __init__(self, name: str, batch_size: int, dtype: Any = jnp.float32, preprocess=None):
+    def __init__(
+        self, name: str, batch_size: int, dtype: Any = jnp.float32, preprocess=None,
+        kernels: str = "auto",
+    ):  # fmt: skip
         self.par = parallel.Parallel("jit")
-        self.state = self.par.place_state(make_state(name, dtype, preprocess))
+        self.state = self.par.place_state(make_state(name, dtype, preprocess, kernels))
         uint8 = preprocess is not None
         self.batch = self.par.shard_batch(host_batch(batch_size, uint8=uint8))
         start = time.perf_counter()
@@ -523,15 +528,16 @@ def machine() -> dict[str, str]:
     }
 
 
-def bench_model(name: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
+def bench_model(name: str, kernels: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
     batch = args.batch_size
-    jax_train = JaxTrainer(name, batch)
+    jax_train = JaxTrainer(name, batch, kernels=kernels)
     torch_train = TorchTrainer(name, batch)
     train = alternate({"jax": jax_train, "torch": torch_train}, args.windows, args.steps)
     jax_eval, torch_eval = JaxEvaluator(jax_train), torch_train.evaluator()
     evals = alternate({"jax": jax_eval, "torch": torch_eval}, args.windows, args.steps)
     row: dict[str, Any] = {
         "model": name,
+        "kernels": models.resolve_kernels(kernels),
         "batch_size": batch,
         "jax_train_img_s": batch / train["jax"],
         "torch_train_img_s": batch / train["torch"],
@@ -548,7 +554,7 @@ def bench_model(name: str, args: argparse.Namespace, peak: float) -> dict[str, A
         "load_avg_1min": os.getloadavg()[0],
     }
     if args.bf16:
-        jax_bf16 = JaxTrainer(name, batch, dtype=jnp.bfloat16)
+        jax_bf16 = JaxTrainer(name, batch, dtype=jnp.bfloat16, kernels=kernels)
         torch_bf16 = TorchTrainer(name, batch, bf16=True)
         half = alternate({"jax": jax_bf16, "torch": torch_bf16}, args.windows, args.steps)
         row |= {
@@ -557,7 +563,7 @@ def bench_model(name: str, args: argparse.Namespace, peak: float) -> dict[str, A
             "bf16_ratio": half["torch"] / half["jax"],
             "bf16_ratio_best": min(half["torch_windows"]) / min(half["jax_windows"]),
         }
-    if not args.no_subprocess:
+    if not args.no_subprocess and kernels == "auto":
         row |= startup_and_memory(name, batch)
     return row
 
@@ -576,14 +582,14 @@ def print_report(result: dict[str, Any]) -> None:
     )
     print(f"Command: {result['command']}\n")
     print(
-        "| model | batch | train img/s JAX | train img/s torch | **train ratio** (fastest "
-        "windows) | eval img/s JAX | eval img/s torch | eval ratio | GFLOP/step | JAX GFLOP/s "
-        "(% of GEMM) | load |"
+        "| model | kernels | batch | train img/s JAX | train img/s torch | **train ratio** "
+        "(fastest windows) | eval img/s JAX | eval img/s torch | eval ratio | GFLOP/step | JAX "
+        "GFLOP/s (% of GEMM) | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(
-            f"| {r['model']} | {r['batch_size']} | {r['jax_train_img_s']:.1f} | "
+            f"| {r['model']} | {r['kernels']} | {r['batch_size']} | {r['jax_train_img_s']:.1f} | "
             f"{r['torch_train_img_s']:.1f} | **{r['train_ratio']:.2f}x** "
             f"({r['train_ratio_best']:.2f}x) | "
             f"{r['jax_eval_img_s']:.0f} | {r['torch_eval_img_s']:.0f} | {r['eval_ratio']:.2f}x | "
@@ -592,14 +598,14 @@ def print_report(result: dict[str, Any]) -> None:
         )
     if any("bf16_ratio" in r for r in result["rows"]):
         print(
-            "\n| model | bf16 train img/s JAX | bf16 autocast img/s torch | bf16 ratio "
+            "\n| model | kernels | bf16 train img/s JAX | bf16 autocast img/s torch | bf16 ratio "
             "(fastest windows) |"
         )
-        print("|---|---|---|---|")
+        print("|---|---|---|---|---|")
         for r in result["rows"]:
             if "bf16_ratio" in r:
                 print(
-                    f"| {r['model']} | {r['jax_bf16_train_img_s']:.1f} | "
+                    f"| {r['model']} | {r['kernels']} | {r['jax_bf16_train_img_s']:.1f} | "
                     f"{r['torch_bf16_train_img_s']:.1f} | {r['bf16_ratio']:.2f}x "
                     f"({r['bf16_ratio_best']:.2f}x) |"
                 )
@@ -643,6 +649,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS)
     )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        help="comma-separated kernel sets (model.kernels: auto, cpu, xla), one row each",
+    )
+    p.add_argument(
+        "--max_isa",
+        default="",
+        choices=["", *cpu.ISA_CAPS],
+        help="hold oneDNN, XLA:CPU and PyTorch to this instruction set, as on an older CPU",
+    )
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--windows", type=int, default=5, help="timed windows per side (median taken)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
@@ -671,8 +688,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     args = parse_args(argv)
+    if args.max_isa:  # before JAX starts a backend and torch is imported
+        os.environ.update(cpu.isa_capped_environment(args.max_isa))
+    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     if args.child:
         child_main(args)
         return {}
@@ -689,8 +708,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     peak = result["gemm_gflop_s"]["jax"]
     for name in names:
-        print(f"... {name}", file=sys.stderr, flush=True)
-        result["rows"].append(bench_model(name, args, peak))
+        for kernel_set in args.kernels.split(","):
+            print(f"... {name} ({kernel_set})", file=sys.stderr, flush=True)
+            result["rows"].append(bench_model(name, kernel_set, args, peak))
     if not args.no_pipeline:
         name = names[0] if args.quick else "resnet18-cifar"
         print(f"... input pipeline ({name})", file=sys.stderr, flush=True)
