@@ -37,11 +37,11 @@ test-fast: setup
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 bench: setup
-	$(PY) experiments/benchmark.py $(ARGS)
+	$(PY) -m experiments.benchmark $(ARGS)
 
 # JPEG decode + RandomResizedCrop + flip: grain against torchvision's DataLoader (docs/PERFORMANCE.md).
 bench-pipeline: setup
-	$(PY) experiments/pipeline_benchmark.py $(ARGS)
+	$(PY) -m experiments.pipeline_benchmark $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

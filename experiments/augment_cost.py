@@ -1,7 +1,7 @@
 """What RandAugment, TrivialAugmentWide and mixup/CutMix cost per train step on this machine.
 
-    .venv/bin/python experiments/augment_cost.py            # resnet18-cifar, batch 128 (~2 min)
-    .venv/bin/python experiments/augment_cost.py --quick    # tiny sizes: proves the script runs
+    .venv/bin/python -m experiments.augment_cost            # resnet18-cifar, batch 128 (~2 min)
+    .venv/bin/python -m experiments.augment_cost --quick    # tiny sizes: proves the script runs
 
 Two measurements, each alternating its variants window by window (benchmark.alternate) on one
 device-resident uint8 batch: the on-device augmentation alone (preprocess, then the mix, jitted
@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import jax
 
-import jax  # noqa: E402
-
-from experiments import benchmark  # noqa: E402
-from resnet_jax import augment, cpu, parallel  # noqa: E402
+from experiments import benchmark
+from resnet_jax import augment, cpu, parallel
 
 CROP_FLIP = {"mean": augment.CIFAR10_MEAN, "std": augment.CIFAR10_STD, "crop_padding": 4}
 VARIANTS: dict[str, tuple[dict[str, Any], augment.Mix | None]] = {
@@ -72,7 +68,9 @@ class Step:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", default="resnet18-cifar", choices=list(benchmark.MODELS))
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--windows", type=int, default=3)

@@ -17,18 +17,14 @@ rotations up to 180 degrees: --crop_padding=0 --crop_size=24 --rotation=180 (eve
 crops or rotates uses them; the others do neither). The report arm ignores these flags.
 
 Full scale (a GPU: five ResNet-20 runs of 64k iterations):
-  python experiments/augmentation.py --data_dir ~/tensorflow_datasets
+  python -m experiments.augmentation --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; tiny nets, not a result):
-  python experiments/augmentation.py --quick --out workdirs/augmentation_quick
+  python -m experiments.augmentation --quick --out workdirs/augmentation_quick
 Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
 """
 
-import sys
-from pathlib import Path
-
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
@@ -82,7 +78,7 @@ STUDY = sweep.Study(
     title="Data augmentation (ResNet-20, He et al.'s recipe)",
     base_config="configs/resnet20.py",
     arms=arms,
-    full_command="python experiments/augmentation.py --data_dir ~/tensorflow_datasets",
+    full_command="python -m experiments.augmentation --data_dir ~/tensorflow_datasets",
     note="Same net, optimizer, schedule and budget for every arm; only the training-time "
     "augmentation differs (evaluation never augments).",
 )

@@ -1,7 +1,7 @@
 """Training and eval throughput of resnet_jax against torchvision + PyTorch on this machine.
 
-    .venv/bin/python experiments/benchmark.py                    # the table in docs/PERFORMANCE.md
-    .venv/bin/python experiments/benchmark.py --quick            # tiny sizes: a smoke test (~1 min)
+    .venv/bin/python -m experiments.benchmark                    # the table in docs/PERFORMANCE.md
+    .venv/bin/python -m experiments.benchmark --quick            # tiny sizes: a smoke test (~1 min)
     make bench ARGS="--models resnet18-cifar --windows 7"
 
 Every comparison is measured in one process and alternates: JAX window, torch window, torch,
@@ -36,16 +36,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+from resnet_jax import cpu, data, models, optim, parallel, train_state
+from resnet_jax.cpu import kernels, onednn
 
-from resnet_jax import cpu, data, models, optim, parallel, train_state  # noqa: E402
-from resnet_jax.cpu import kernels, onednn  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m experiments.benchmark` runs
 
 try:  # on-device crop + flip; the input-pipeline check falls back to normalize-only without it
     from resnet_jax import augment
@@ -335,9 +334,9 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def run_child(kind: str, model: str, batch_size: int, cache_dir: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", kind, "--models", model,
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--child", kind, "--models", model,
            "--batch_size", str(batch_size), "--cache_dir", cache_dir]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -701,7 +700,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"Unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
     result: dict[str, Any] = {
         "machine": machine(),
-        "command": " ".join([".venv/bin/python", "experiments/benchmark.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "experiments.benchmark", *sys.argv[1:]]),
         "gemm_size": args.gemm_size,
         "gemm_gflop_s": gemm_peak(args.gemm_size),
         "rows": [],

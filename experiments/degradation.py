@@ -16,20 +16,18 @@ colour per depth; error_vs_depth.png gives the final test error of both families
 
 Full scale (a GPU: eight runs of 64k iterations, ten with 110, eleven with 1202; ResNet-1202's
 memory and time are in docs/EXPERIMENTS.md):
-  python experiments/degradation.py --data_dir ~/tensorflow_datasets
-  python experiments/degradation.py --data_dir ~/tensorflow_datasets --depths=20,32,44,56,110,1202
+  python -m experiments.degradation --data_dir ~/tensorflow_datasets
+  python -m experiments.degradation --data_dir ~/tensorflow_datasets --depths=20,32,44,56,110,1202
 Quick check that it runs (minutes on a CPU; width-4 nets, not a result):
-  python experiments/degradation.py --quick --out workdirs/degradation_quick
+  python -m experiments.degradation --quick --out workdirs/degradation_quick
 Writes <out>/results.csv, results.md, curves.png, test_accuracy.png, error_curves.png and
 error_vs_depth.png; a rerun resumes.
 """
 
-import sys
 from pathlib import Path
 
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
@@ -178,7 +176,7 @@ STUDY = sweep.Study(
     base_config="configs/resnet20.py",
     arms=arms,
     figures=error_curves,
-    full_command="python experiments/degradation.py --data_dir ~/tensorflow_datasets",
+    full_command="python -m experiments.degradation --data_dir ~/tensorflow_datasets",
     note="Every arm: He et al.'s CIFAR recipe (configs/resnet20.py) at its depth, with or without "
     "shortcuts, trained on all training images and evaluated on the test split every epoch (as "
     "the paper's Fig. 6). Paper (Table 6): ResNet-20/32/44/56/110/1202 at "

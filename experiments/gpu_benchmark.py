@@ -1,7 +1,7 @@
 """The train step on one GPU against torchvision + PyTorch, eager and under torch.compile.
 
-    python3 experiments/gpu_benchmark.py --json result.json            # the rows below, on a GPU
-    JAX_PLATFORMS=cpu python3 experiments/gpu_benchmark.py --quick     # tiny sizes on the CPU
+    python3 -m experiments.gpu_benchmark --json result.json            # the rows below, on a GPU
+    JAX_PLATFORMS=cpu python3 -m experiments.gpu_benchmark --quick     # tiny sizes on the CPU
 
 Rows, in this order (the most wanted first, so a run cut short keeps them):
     resnet50-224-bf16     ResNet-50, ImageNet stem, 224x224, batch 256, 1000 classes, bfloat16
@@ -43,15 +43,13 @@ from typing import Any
 # JAX takes 75% of the GPU's memory at start by default; PyTorch shares the GPU in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from experiments import benchmark  # noqa: E402
-from resnet_jax import models, optim, parallel, train_state  # noqa: E402
+from experiments import benchmark
+from resnet_jax import models, optim, parallel, train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = True  # as PyTorch's ImageNet recipes run
     result: dict[str, Any] = {
         "machine": machine(args),
-        "command": " ".join(["python3", "experiments/gpu_benchmark.py", *sys.argv[1:]]),
+        "command": " ".join(["python3", "-m", "experiments.gpu_benchmark", *sys.argv[1:]]),
         "matmul_size": args.matmul_size,
         "rows": [],
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 23's device check, from the repository root on the GPU machine (docs/PERFORMANCE.md):
 #   1. installs the carried wheels in .whl/ (ml_collections, which the test suite imports),
-#   2. runs experiments/gpu_benchmark.py (JSON rewritten after each row, so a cut run keeps rows),
+#   2. runs `python -m experiments.gpu_benchmark` (JSON rewritten after each row, so a cut run
+#      keeps its rows),
 #   3. runs the fast test tier once on the GPU backend, to find what breaks there.
 # Everything lands in $OUT (default /tmp/gpu_check). Each part has its own time limit; the whole
 # stays under 8 minutes. BENCH_ARGS / TEST_ARGS replace the parts' arguments (e.g. a CPU dry run:
@@ -11,13 +12,13 @@ OUT=${OUT:-/tmp/gpu_check}
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-315}
 TEST_LIMIT_S=${TEST_LIMIT_S:-110}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1  # `python -m` puts the repository root on the path
 PYTHON=${PYTHON:-python3}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=$PWD:/tmp/site
+    export PYTHONPATH=/tmp/site
 fi
 
 {
@@ -29,7 +30,7 @@ print('torch', torch.__version__, torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/machine.txt"
 
 echo "== benchmark (limit ${BENCH_LIMIT_S} s)"
-timeout -k 10 "$BENCH_LIMIT_S" "$PYTHON" experiments/gpu_benchmark.py \
+timeout -k 10 "$BENCH_LIMIT_S" "$PYTHON" -m experiments.gpu_benchmark \
     --json "$OUT/gpu_benchmark.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_benchmark.log"
 bench_rc=${PIPESTATUS[0]}
 

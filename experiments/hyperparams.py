@@ -8,19 +8,17 @@ epoch). The learning rate is given per 128 images; the trainer scales it linearl
   --batch_sizes=32,128,512 --learning_rates=0.01,0.1,0.4   (the default grid: 9 arms)
 
 Full scale (a GPU: nine ResNet-20 runs of 100 epochs):
-  python experiments/hyperparams.py --data_dir ~/tensorflow_datasets
+  python -m experiments.hyperparams --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; a 2x2 grid of tiny nets, not a result):
-  python experiments/hyperparams.py --quick --out workdirs/hyperparams_quick
+  python -m experiments.hyperparams --quick --out workdirs/hyperparams_quick
 Writes <out>/results.csv, results.md, curves.png, test_accuracy.png and grid.png (test accuracy
 over the grid); a rerun resumes.
 """
 
-import sys
 from pathlib import Path
 
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
@@ -130,7 +128,7 @@ STUDY = sweep.Study(
     arms=arms,
     columns=columns,
     figures=grid_figure,
-    full_command="python experiments/hyperparams.py --data_dir ~/tensorflow_datasets",
+    full_command="python -m experiments.hyperparams --data_dir ~/tensorflow_datasets",
     note="Every arm trains the same number of epochs; iterations_per_epoch = training images // "
     "batch_size, and lr_used is the rate the run used (learning_rate per 128 images, scaled "
     "linearly with the batch).",

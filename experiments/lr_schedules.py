@@ -10,19 +10,17 @@ One optimizer (SGD, momentum 0.9, weight decay 1e-4, peak rate 0.1 per 128 image
   cosine        half a cosine from 0.1 to 0
 
 Full scale (a GPU: five ResNet-20 runs of 64k iterations):
-  python experiments/lr_schedules.py --data_dir ~/tensorflow_datasets
+  python -m experiments.lr_schedules --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; tiny nets, not a result):
-  python experiments/lr_schedules.py --quick --out workdirs/lr_schedules_quick
+  python -m experiments.lr_schedules --quick --out workdirs/lr_schedules_quick
 Writes <out>/results.csv, results.md, curves.png, test_accuracy.png and schedules.png (each
 arm's learning rate at every epoch's end); a rerun resumes.
 """
 
-import sys
 from pathlib import Path
 
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
@@ -69,7 +67,7 @@ STUDY = sweep.Study(
     title="Learning-rate schedules (ResNet-20, SGD, same budget)",
     base_config="configs/resnet20.py",
     arms=arms,
-    full_command="python experiments/lr_schedules.py --data_dir ~/tensorflow_datasets",
+    full_command="python -m experiments.lr_schedules --data_dir ~/tensorflow_datasets",
     figures=schedule_figure,
     note="Same optimizer (SGD, momentum 0.9, peak lr 0.1) and budget for every arm; only "
     "schedule.name (and its own option) differs.",

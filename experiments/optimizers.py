@@ -11,18 +11,14 @@ He et al.'s); rates are per 128 images:
   adamw     AdamW (0.9, 0.999), lr 1e-3, decoupled weight decay 0.05
 
 Full scale (a GPU: five ResNet-20 runs of 64k iterations):
-  python experiments/optimizers.py --data_dir ~/tensorflow_datasets
+  python -m experiments.optimizers --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; tiny nets, not a result):
-  python experiments/optimizers.py --quick --out workdirs/optimizers_quick
+  python -m experiments.optimizers --quick --out workdirs/optimizers_quick
 Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
 """
 
-import sys
-from pathlib import Path
-
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
@@ -52,7 +48,7 @@ STUDY = sweep.Study(
     base_config="configs/resnet20.py",
     overrides={"schedule.name": "cosine"},
     arms=arms,
-    full_command="python experiments/optimizers.py --data_dir ~/tensorflow_datasets",
+    full_command="python -m experiments.optimizers --data_dir ~/tensorflow_datasets",
     note="Same schedule (cosine to 0) and budget for every arm; each optimizer at its usual "
     "learning rate (per 128 images). Momentum is SGD's; Adam and AdamW use their betas.",
 )

@@ -1,8 +1,8 @@
 """Stream mode's input pipeline against torchvision's, and memory and start-up against dataset size.
 
-    .venv/bin/python experiments/pipeline_benchmark.py --json pipeline.json   # docs/PERFORMANCE.md
-    .venv/bin/python experiments/pipeline_benchmark.py --startup              # memory and start-up
-    .venv/bin/python experiments/pipeline_benchmark.py --quick [--startup]    # tiny sizes
+    .venv/bin/python -m experiments.pipeline_benchmark --json pipeline.json   # docs/PERFORMANCE.md
+    .venv/bin/python -m experiments.pipeline_benchmark --startup              # memory and start-up
+    .venv/bin/python -m experiments.pipeline_benchmark --quick [--startup]    # tiny sizes
     make bench-pipeline ARGS="--images 4096 --workers 1,2,4"
 
 Throughput (the default section). Both sides read the same folder of JPEGs written at the start of
@@ -55,13 +55,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from resnet_jax import base_config, cpu, data, stream
 
-from resnet_jax import base_config, cpu, data, stream  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where the training runs start
 
 # Grain's worker processes start by spawn and import this module: torch and the trainer's step are
 # imported inside the functions that need them, so the workers stay light.
@@ -345,7 +344,7 @@ def train_to_first_step(
     metrics, log = workdir / "metrics.jsonl", workdir.with_suffix(".log")
     start = time.perf_counter()
     with log.open("w") as stderr:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     first_step_s, main_mib, tree_mib, child_peaks = None, 0.0, 0.0, {}
     while process.poll() is None:
         if first_step_s is None and has_step_record(metrics):
@@ -547,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     result: dict[str, Any] = {
         "command": " ".join(
-            [".venv/bin/python", "experiments/pipeline_benchmark.py", *sys.argv[1:]]
+            [".venv/bin/python", "-m", "experiments.pipeline_benchmark", *sys.argv[1:]]
         ),
         "batch_size": args.batch_size,
         "rows": [],

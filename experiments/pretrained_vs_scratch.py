@@ -15,28 +15,24 @@ batch 128, crop + flip. The report states none of these, so they are ours, not i
 
 Full scale (a GPU; download the weights elsewhere first, resnet_jax never downloads them):
   curl -LO https://download.pytorch.org/models/resnet50-0676ba61.pth
-  python experiments/pretrained_vs_scratch.py --pretrained resnet50-0676ba61.pth \\
+  python -m experiments.pretrained_vs_scratch --pretrained resnet50-0676ba61.pth \\
       --data_dir ~/tensorflow_datasets
 The report's two other figures, each in its own --out (a workdir keeps one run's length):
   # ~80% after fine-tuning for a single epoch
-  python experiments/pretrained_vs_scratch.py --pretrained resnet50-0676ba61.pth \\
+  python -m experiments.pretrained_vs_scratch --pretrained resnet50-0676ba61.pth \\
       --data_dir ~/tensorflow_datasets --arms=pretrained --config.num_epochs=1 \\
       --out workdirs/pretrained_1_epoch
   # ~45% from scratch even after 320 epochs
-  python experiments/pretrained_vs_scratch.py --data_dir ~/tensorflow_datasets --arms=scratch \\
+  python -m experiments.pretrained_vs_scratch --data_dir ~/tensorflow_datasets --arms=scratch \\
       --config.num_epochs=320 --out workdirs/scratch_320_epochs
 Quick check that it runs (not a result): 32x32 inputs, 2 epochs of batch 32. The width stays
 ResNet-50's own, because the weights fix it:
-  python experiments/pretrained_vs_scratch.py --quick --pretrained resnet50-0676ba61.pth
+  python -m experiments.pretrained_vs_scratch --quick --pretrained resnet50-0676ba61.pth
 Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
 """
 
-import sys
-from pathlib import Path
-
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 sweep.define_pretrained_flag()
@@ -73,7 +69,7 @@ STUDY = sweep.Study(
     },
     quick_overrides={"model.width": 0, "augment.resize_to": 0},
     arms=arms,
-    full_command="python experiments/pretrained_vs_scratch.py --pretrained "
+    full_command="python -m experiments.pretrained_vs_scratch --pretrained "
     "resnet50-0676ba61.pth --data_dir ~/tensorflow_datasets",
     note="Both arms: ResNet-50 (ImageNet stem, inputs resized to 224 on the device, ImageNet "
     "normalization), SGD + Nesterov at lr 0.01 per 128 images, cosine, 20 epochs; only the "

@@ -14,16 +14,12 @@ r18_strong.py's own values, and the last arm has them all (r18_strong.py itself)
 The values are read from configs/r18_strong.py, so the study always measures the recipe as it is.
 
 Full scale (a GPU: six ResNet-18 runs of 200 epochs):
-  python experiments/regularization.py --data_dir ~/tensorflow_datasets
+  python -m experiments.regularization --data_dir ~/tensorflow_datasets
 Quick check that it runs (minutes on a CPU; tiny nets, not a result):
-  python experiments/regularization.py --quick --out workdirs/regularization_quick
+  python -m experiments.regularization --quick --out workdirs/regularization_quick
 Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 from resnet_jax import config_utils
 
@@ -78,7 +74,7 @@ STUDY = sweep.Study(
     base_config=BASELINE,
     overrides=BASELINE_OVERRIDES,
     arms=arms,
-    full_command="python experiments/regularization.py --data_dir ~/tensorflow_datasets",
+    full_command="python -m experiments.regularization --data_dir ~/tensorflow_datasets",
     note="Same net, optimizer, schedule and budget for every arm; each arm adds one of "
     "configs/r18_strong.py's regularizers with its value there. With mixup/CutMix, train "
     "accuracy is against each image's dominant label. The EMA arms report the EMA weights.",

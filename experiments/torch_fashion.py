@@ -20,7 +20,7 @@ Timing: the clock starts at the top of this file, before torch is imported, and 
 final test accuracy is known, so start-up (imports, reading the data), every epoch, every
 evaluation and the final test all count. The JSON summary's "wall_s" is that span;
 "wall_from_process_start_s" adds the interpreter's own start-up (from /proc/self/stat on Linux).
-`/usr/bin/time -v python experiments/torch_fashion.py ...` gives the whole process, exit included.
+`/usr/bin/time -v python -m experiments.torch_fashion ...` gives the whole process, exit included.
 One line per epoch goes to stdout, then the summary as one JSON line (also written to --json).
 Time it on an idle machine: torch uses os.cpu_count() threads, and where other processes hold the
 cores its threads wait on each other (on a 2-core machine at load ~5, a step took 2.3 s with 2
@@ -28,17 +28,17 @@ threads and 0.5 s with --threads 1).
 
 The published protocol (step schedule: lr 0.1 for batch 128, /10 at epochs 150 and 225 of 300),
 evaluated on the test split every epoch as the project's run is:
-  python experiments/torch_fashion.py --epochs 300 --schedule step --milestones 150,225 \\
+  python -m experiments.torch_fashion --epochs 300 --schedule step --milestones 150,225 \\
       --eval_every_epoch --json torch_fashion.json
 He et al.'s own length and weight decay, as configs/resnet20.py has them (64k steps, /10 at 32k
 and 48k):
-  python experiments/torch_fashion.py --num_steps 64000 --milestones= --weight_decay 1e-4 \\
+  python -m experiments.torch_fashion --num_steps 64000 --milestones= --weight_decay 1e-4 \\
       --eval_every_epoch
 A short recipe (cosine, 1 warmup epoch, 15 epochs):
-  python experiments/torch_fashion.py --epochs 15 --schedule cosine --warmup_epochs 1 \\
+  python -m experiments.torch_fashion --epochs 15 --schedule cosine --warmup_epochs 1 \\
       --eval_every_epoch --json torch_fashion_15.json
 A check that it runs (512 train / 256 test images, 1 epoch; not a result):
-  python experiments/torch_fashion.py --quick
+  python -m experiments.torch_fashion --quick
 """
 
 import time

@@ -13,21 +13,17 @@ path/test/<class>/*.png.
 
 Full scale (a GPU; download the weights elsewhere first, resnet_jax never downloads them):
   curl -LO https://download.pytorch.org/models/resnet34-b627a593.pth
-  python experiments/transfer_frozen.py --pretrained resnet34-b627a593.pth \\
+  python -m experiments.transfer_frozen --pretrained resnet34-b627a593.pth \\
       --data_dir ~/tensorflow_datasets
 Quick check that it runs (not a result): 32x32 images, 2 epochs of batch 16; the width stays
 ResNet-34's own, because the weights fix it:
-  python experiments/transfer_frozen.py --quick --pretrained resnet34-b627a593.pth \\
+  python -m experiments.transfer_frozen --quick --pretrained resnet34-b627a593.pth \\
       --dataset folder:/path/to/two_classes
 Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
 """
 
-import sys
-from pathlib import Path
-
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import sweep
 
 sweep.define_pretrained_flag()
@@ -80,7 +76,7 @@ STUDY = sweep.Study(
         "batch_size": 16,
     },
     arms=arms,
-    full_command="python experiments/transfer_frozen.py --pretrained resnet34-b627a593.pth "
+    full_command="python -m experiments.transfer_frozen --pretrained resnet34-b627a593.pth "
     "--data_dir ~/tensorflow_datasets",
     note="Both arms start from the same ImageNet weights with a new two-class head: Adam, "
     "cosine, 20 epochs of batch 32, 224x224 inputs. The frozen arm trains the head only "

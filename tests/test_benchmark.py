@@ -1,32 +1,32 @@
 """experiments/benchmark.py, gpu_benchmark.py, pipeline_benchmark.py and augment_cost.py run end
-to end at tiny sizes. A benchmark is not a test: no timings are checked here, only that every
-section produces its numbers."""
+to end at tiny sizes, as `python -m experiments.<name>` from the repository root. A benchmark is
+not a test: no timings are checked here, only that every section produces its numbers."""
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
+from tests.conftest import REPO_ROOT
+
+
+def run_script(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m experiments.<module> args` from the repository root, output captured."""
+    command = [sys.executable, "-m", f"experiments.{module}", *args]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600, check=False
+    )
 
 
 @pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        str(BENCHMARK),
-        "--quick",
-        "--no_subprocess",
-        "--layers",
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = run_script(
+        "benchmark", "--quick", "--no_subprocess", "--layers", "--json", str(out), env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train ratio" in proc.stdout and "Input pipeline" in proc.stdout
     result = json.loads(out.read_text())
@@ -43,7 +43,6 @@ def test_quick_benchmark_runs(tmp_path):
     assert all(r["xla_gflop_s"] > 0 and r["torch_gflop_s"] > 0 for r in result["conv_layers"])
 
 
-GPU_BENCHMARK = BENCHMARK.with_name("gpu_benchmark.py")
 # The fp32 row is the bf16 row's code with another dtype: the suite runs the two bf16 rows.
 GPU_ROWS = ["resnet50-224-bf16", "resnet18-cifar-bf16"]
 # Not on the GPU machine's image; ml_collections would have to be carried as a wheel.
@@ -56,13 +55,15 @@ def test_quick_gpu_benchmark_runs_without_what_the_gpu_image_lacks(tmp_path):
     # A module set to None in sys.modules cannot be imported: as if it were not installed.
     hidden = "".join(f"sys.modules[{name!r}] = None; " for name in NOT_ON_THE_GPU_IMAGE)
     run = (
-        f"import runpy, sys; {hidden}sys.argv = sys.argv[1:]; "
-        "runpy.run_path(sys.argv[0], run_name='__main__')"
+        f"import runpy, sys; {hidden}"
+        "runpy.run_module('experiments.gpu_benchmark', run_name='__main__', alter_sys=True)"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     rows = f"--rows={','.join(GPU_ROWS)}"
-    cmd = [sys.executable, "-c", run, str(GPU_BENCHMARK), "--quick", rows, "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    cmd = [sys.executable, "-c", run, "--quick", rows, "--json", str(out)]
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [row["name"] for row in result["rows"]] == GPU_ROWS
@@ -76,15 +77,11 @@ def test_quick_gpu_benchmark_runs_without_what_the_gpu_image_lacks(tmp_path):
         assert f"| {row['name']} | {row['image_size']} | {row['batch_size']} |" in proc.stdout
 
 
-PIPELINE_BENCHMARK = BENCHMARK.with_name("pipeline_benchmark.py")
-
-
 @pytest.mark.slow
 def test_quick_pipeline_benchmark_runs(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(PIPELINE_BENCHMARK), "--quick", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = run_script("pipeline_benchmark", "--quick", "--json", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["folder"]["images"] == 64
@@ -100,8 +97,7 @@ def test_quick_pipeline_benchmark_runs(tmp_path):
 def test_quick_startup_benchmark_runs(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(PIPELINE_BENCHMARK), "--quick", "--startup", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = run_script("pipeline_benchmark", "--quick", "--startup", "--json", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [(r["pipeline"], r["images"]) for r in result["rows"]] == [
@@ -118,15 +114,11 @@ def test_quick_startup_benchmark_runs(tmp_path):
     assert "**128/64**" in proc.stdout and "flat within 15%" in proc.stdout
 
 
-AUGMENT_COST = BENCHMARK.with_name("augment_cost.py")
-
-
 @pytest.mark.slow
 def test_quick_augment_cost_runs(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(AUGMENT_COST), "--quick", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = run_script("augment_cost", "--quick", "--json", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["model"] == "resnet20" and result["batch_size"] == 8

@@ -1,5 +1,6 @@
 """The study scripts in experiments/: each `--quick` run on fake data writes its table and figures,
-and a rerun resumes instead of training again.
+and a rerun resumes instead of training again. And every script in experiments/ runs as
+`python -m experiments.<name>` from the repository root, none editing sys.path.
 
 Training dominates the cost (a compile per distinct train step), so every run is 1 epoch of 2-5
 steps, most studies run two of their arms (every arm's config is still built and validated in
@@ -46,6 +47,13 @@ STUDIES = (
     regularization,
 )
 FIGURES = ("curves.png", "test_accuracy.png")
+EXPERIMENTS_DIR = Path(sweep.REPO_ROOT) / "experiments"
+# Every module of experiments/ that runs as a program (the others are its shared parts).
+SCRIPTS = sorted(
+    path.stem
+    for path in EXPERIMENTS_DIR.glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
 
 
 @pytest.fixture(scope="session")
@@ -316,7 +324,7 @@ def test_help_gives_the_full_scale_command():
     for module in STUDIES:
         doc = module.__doc__
         assert "Full scale" in doc and "--quick" in doc, module.__name__
-        assert f"python experiments/{module.__name__.split('.')[-1]}.py" in doc
+        assert f"python -m {module.__name__}" in doc
         assert module.STUDY.full_command.split(" --")[0] in doc
 
 
@@ -404,12 +412,37 @@ def test_flag_mistakes_are_explained(tmp_path):
 
 def test_a_flag_mistake_on_the_command_line_is_one_paragraph():
     run = subprocess.run(
-        [sys.executable, "experiments/lr_schedules.py", "--quik"],
+        [sys.executable, "-m", "experiments.lr_schedules", "--quik"],
         cwd=sweep.REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert run.returncode == 1, run.stderr
     assert "Error: Unknown command line flag 'quik'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_no_file_in_experiments_edits_sys_path():
+    # `python -m experiments.<name>` from the repository root finds both packages as they are.
+    edit = re.compile(r"sys\.path\s*(\.\s*\w+\s*\(|\[[^]]*\]\s*=|\+?=)")
+    editing = [
+        p.name for p in EXPERIMENTS_DIR.iterdir() if p.is_file() and edit.search(p.read_text())
+    ]
+    assert editing == []
+
+
+def test_the_scripts_are_found():
+    assert len(SCRIPTS) >= 13 and {"benchmark", "lr_schedules", "torch_fashion"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_of_each_script_run_as_a_module(script):
+    run = subprocess.run(
+        [sys.executable, "-m", f"experiments.{script}", "--help"],
+        cwd=sweep.REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    module_doc = (EXPERIMENTS_DIR / f"{script}.py").read_text().split('"""')[1]
+    assert module_doc.splitlines()[0] in run.stdout, run.stdout[-3000:]
+    assert "--quick" in run.stdout
 
 
 def fabricated(tmp_path, name, losses, *, diverged=False, steps=5, steps_per_epoch=5):

@@ -120,7 +120,7 @@ def test_convert_checks_its_output_before_converting(tmp_path):
 def test_a_study_checks_its_out_before_training(tmp_path):
     out = under_a_file(tmp_path)
     done = subprocess.run(
-        [sys.executable, "experiments/optimizers.py", "--quick", f"--out={out}"],
+        [sys.executable, "-m", "experiments.optimizers", "--quick", f"--out={out}"],
         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
         timeout=SUBPROCESS_TIMEOUT_S, check=False,
     )  # fmt: skip

@@ -114,7 +114,7 @@ def test_quick_run_on_fake_data(tmp_path):
     write_fake_fashion_mnist(data_dir, n_train=600, n_test=300)
     summary_path = tmp_path / "summary.json"
     command = [
-        sys.executable, "experiments/torch_fashion.py", "--quick", f"--data_dir={data_dir}",
+        sys.executable, "-m", "experiments.torch_fashion", "--quick", f"--data_dir={data_dir}",
         f"--json={summary_path}", "--threads=1", "--val_fraction=0.1", "--eval_every_epoch",
         "--tta_flip", "--random_erasing=0.5", "--schedule=cosine", "--warmup_epochs=0.5",
     ]  # fmt: skip
