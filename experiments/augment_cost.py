@@ -3,10 +3,10 @@
     .venv/bin/python -m experiments.augment_cost            # resnet18-cifar, batch 128 (~2 min)
     .venv/bin/python -m experiments.augment_cost --quick    # tiny sizes: proves the script runs
 
-Two measurements, each alternating its variants window by window (benchmark.alternate) on one
+Two measurements, each alternating its variants window by window (`harness.alternate`) on one
 device-resident uint8 batch: the on-device augmentation alone (preprocess, then the mix, jitted
-as the train step runs them) for each variant, and the whole train step (benchmark's resnet18-cifar
-state, compiled as `Parallel("jit")` compiles it) without and with the heaviest variant.
+as the train step runs them) for each variant, and the whole train step (`harness.JaxTrainer` on
+resnet18-cifar, as the benchmarks compile it) without and with the heaviest variant.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import jax
 
-from experiments import benchmark
-from resnet_jax import augment, cpu, parallel
+from experiments import harness
+from resnet_jax import augment, cpu
 
 CROP_FLIP = {"mean": augment.CIFAR10_MEAN, "std": augment.CIFAR10_STD, "crop_padding": 4}
 VARIANTS: dict[str, tuple[dict[str, Any], augment.Mix | None]] = {
@@ -46,24 +46,15 @@ def augmentation_only(policy: dict[str, Any], mix: augment.Mix | None, images: j
         return out if mix is None else mix(out, rng)[0]
 
     rng = jax.random.key(0)
-    return benchmark.timed(lambda: augmentation(images, rng))
+    return harness.timed(lambda: augmentation(images, rng))
 
 
-class Step:
-    """The compiled train step of benchmark's `name` state with one variant's augmentation."""
-
-    def __init__(self, name: str, batch_size: int, policy: dict, mix: augment.Mix | None):
-        self.par = parallel.Parallel("jit")
-        preprocess = augment.make_preprocess(**CROP_FLIP, **policy)
-        state = benchmark.make_state(name, preprocess=preprocess).replace(mix=mix)
-        self.state = self.par.place_state(state)
-        self.batch = self.par.shard_batch(benchmark.host_batch(batch_size, uint8=True))
-        self.step = self.par.compile_train_step().lower(self.state, self.batch).compile()
-        self.run = benchmark.timed(self)
-
-    def __call__(self) -> Any:
-        self.state, metrics = self.step(self.state, self.batch)  # the state is donated
-        return metrics
+def variant_trainer(
+    name: str, batch: dict, policy: dict[str, Any], mix: augment.Mix | None
+) -> harness.JaxTrainer:
+    """The compiled train step of harness's `name` state with one variant's augmentation."""
+    preprocess = augment.make_preprocess(**CROP_FLIP, **policy)
+    return harness.JaxTrainer(name, batch, preprocess=preprocess, mix=mix)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -71,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="resnet18-cifar", choices=list(benchmark.MODELS))
+    parser.add_argument("--model", default="resnet18-cifar", choices=list(harness.MODELS))
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
@@ -80,19 +71,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch_size, args.windows, args.steps = "resnet20", 8, 1, 1
-    batch = benchmark.host_batch(args.batch_size, uint8=True)
+    batch = harness.host_batch(args.batch_size, uint8=True)
     images = jax.device_put(batch["image"])
-    alone = benchmark.alternate(
+    alone = harness.alternate(
         {name: augmentation_only(*spec, images) for name, spec in VARIANTS.items()},
         args.windows,
         args.steps,
     )
     steps = {
-        name: Step(args.model, args.batch_size, *VARIANTS[name]) for name in ("crop+flip", HEAVIEST)
+        name: variant_trainer(args.model, batch, *VARIANTS[name])
+        for name in ("crop+flip", HEAVIEST)
     }
-    step_times = benchmark.alternate(
-        {name: step.run for name, step in steps.items()}, args.windows, args.steps
-    )
+    step_times = harness.alternate(steps, args.windows, args.steps)
     result = {
         "model": args.model,
         "batch_size": args.batch_size,

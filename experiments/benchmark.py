@@ -10,14 +10,16 @@ side's figure is the median over windows after warm-up. On a shared machine abso
 2x from minute to minute; the ratios measured side by side are what to read. The 1-minute load
 average is printed with each model so a noisy run shows as one.
 
-What runs on the JAX side is what users run: `train_state.train_step` compiled by
+What runs on each side, and how it is timed, is `experiments.harness`'s (shared with the GPU
+benchmark): on the JAX side what users run, `train_state.train_step` compiled by
 `parallel.Parallel("jit").compile_train_step()` (state donated), on batches placed with
-`shard_batch`. FLOPs come from the compiled step's `cost_analysis()` (with XLA's convs in place of
-oneDNN's, which it cannot see into); GFLOP/s are set against a float32 GEMM timed in the same run.
-On one CPU device the model runs on the CPU kernel set (`get_model`'s kernels="auto"), and the
-process gets the CPU settings of `resnet_jax.cpu.setup()` at start-up, as the command lines do.
-Compile time, warm start from the persistent compilation cache and peak memory (ru_maxrss) are
-measured in fresh subprocesses of this script.
+`shard_batch`. FLOPs come from XLA's `cost_analysis()` of the same step with the model on plain
+Flax (kernels="xla": the same arithmetic; XLA cannot see into oneDNN's calls); GFLOP/s are set
+against a float32 GEMM timed in the same run. On one CPU device the model runs on the CPU kernel
+set (`get_model`'s kernels="auto"), and the process gets the CPU settings of
+`resnet_jax.cpu.setup()` at start-up, as the command lines do. Compile time, warm start from the
+persistent compilation cache and peak memory (ru_maxrss) are measured in fresh subprocesses of
+this script.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,42 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax import cpu, data, models, optim, parallel, train_state
+from experiments import harness
+from resnet_jax import augment, cpu, data, models
 from resnet_jax.cpu import kernels, onednn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m experiments.benchmark` runs
 
-try:  # on-device crop + flip; the input-pipeline check falls back to normalize-only without it
-    from resnet_jax import augment
-except ImportError:  # pragma: no cover
-    augment = None
-
-# name -> (resnet_jax model name, stem); the torch twin is built by `torch_model`.
-MODELS: dict[str, tuple[str, str]] = {
-    "resnet18-cifar": ("resnet18", "cifar"),
-    "resnet50": ("resnet50", "imagenet"),
-    "resnet20": ("resnet20", "cifar"),
-}
-NUM_CLASSES = 10
-IMAGE_SIZE = 32
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-
 
 # ----------------------------------------------------------------------------------------------
-# Timing
-
-
-def alternate(runners: dict[str, Callable[[int], float]], windows: int, steps: int) -> dict:
-    """Median seconds per step of each runner over `windows` windows of `steps` steps, alternating
-    the runners within a round and reversing the order every other round."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for window in range(windows):
-        for name in names if window % 2 == 0 else reversed(names):
-            times[name].append(runners[name](steps))
-    return {name: statistics.median(t) for name, t in times.items()} | {
-        f"{name}_windows": t for name, t in times.items()
-    }
+# The GEMM peak
 
 
 def gemm_peak(size: int, repeats: int = 5) -> dict[str, float]:
@@ -86,211 +59,11 @@ def gemm_peak(size: int, repeats: int = 5) -> dict[str, float]:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
     matmul = jax.jit(jnp.matmul)
     ta = torch.from_numpy(np.array(a))
-    jax_run, torch_run = timed(lambda: matmul(a, a)), timed(lambda: ta @ ta)
+    jax_run, torch_run = harness.timed(lambda: matmul(a, a)), harness.timed(lambda: ta @ ta)
 
-    result = alternate({"jax": jax_run, "torch": torch_run}, repeats, 3)
+    result = harness.alternate({"jax": jax_run, "torch": torch_run}, repeats, 3)
     flops = 2.0 * size**3
     return {"jax": flops / result["jax"] / 1e9, "torch": flops / result["torch"] / 1e9}
-
-
-# ----------------------------------------------------------------------------------------------
-# The JAX side
-
-
-def make_state(
-    name: str, dtype: Any = jnp.float32, preprocess=None, kernels: str = "auto"
-) -> train_state.TrainState:
-    arch, stem = MODELS[name]
-    model = models.get_model(arch, NUM_CLASSES, stem=stem, dtype=dtype, kernels=kernels)
-    tx = optim.make_optimizer("sgd", LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    kwargs = {"preprocess": preprocess} if preprocess is not None else {}
-    return train_state.create(
-        model, tx, jax.random.key(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3), **kwargs
-    )
-
-
-def host_batch(batch_size: int, uint8: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    shape = (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)
-    if uint8:
-        image = rng.integers(0, 256, shape, dtype=np.uint8)
-    else:
-        image = rng.standard_normal(shape, dtype=np.float32)
-    return {"image": image, "label": rng.integers(0, NUM_CLASSES, batch_size, dtype=np.int32)}
-
-
-def flops_of(compiled: Any) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # older JAX: one dict per device program
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0)) if analysis else 0.0
-
-
-class JaxTrainer:
-    """The compiled train step on one state and one device-resident batch."""
-
-    def __init__(
-        self, name: str, batch_size: int, dtype: Any = jnp.float32, preprocess=None,
-        kernels: str = "auto",
-    ):  # fmt: skip
-        self.par = parallel.Parallel("jit")
-        self.state = self.par.place_state(make_state(name, dtype, preprocess, kernels))
-        uint8 = preprocess is not None
-        self.batch = self.par.shard_batch(host_batch(batch_size, uint8=uint8))
-        start = time.perf_counter()
-        self.step = self.par.compile_train_step().lower(self.state, self.batch).compile()
-        self.compile_s = time.perf_counter() - start
-        self.flops = self.flops_with_xla_convs()
-        self(1)  # warm-up
-
-    def flops_with_xla_convs(self) -> float:
-        """The step's FLOPs: XLA's cost analysis cannot see into the oneDNN custom calls, so it
-        counts the same step compiled with XLA's own convs (the same arithmetic)."""
-        usable = onednn.usable
-        onednn.usable = lambda lhs, rhs: False
-        jax.clear_caches()  # or jit would reuse the trace with oneDNN's convs
-        try:
-            return flops_of(self.par.compile_train_step().lower(self.state, self.batch).compile())
-        finally:
-            onednn.usable = usable
-            jax.clear_caches()
-
-    def __call__(self, steps: int, batches=None) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            batch = self.batch if batches is None else self.par.shard_batch(next(batches))
-            self.state, metrics = self.step(self.state, batch)
-        jax.block_until_ready(metrics)  # the one host sync, at the end of the window
-        return (time.perf_counter() - start) / steps
-
-
-class JaxEvaluator:
-    def __init__(self, trainer: JaxTrainer):
-        self.state, self.batch = trainer.state, trainer.batch
-        step = trainer.par.compile_eval_step()
-        self.step = step.lower(self.state, self.batch).compile()
-        self(1)
-
-    def __call__(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            metrics = self.step(self.state, self.batch)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - start) / steps
-
-
-# ----------------------------------------------------------------------------------------------
-# The PyTorch side
-
-
-def torch_model(name: str, num_classes: int = NUM_CLASSES):
-    """torchvision's twin of `MODELS[name]` (resnet20: the twin module below)."""
-    import torch
-    import torchvision
-
-    if name == "resnet20":
-        return TorchCifarResNet(3, num_classes)
-    arch, stem = MODELS[name]
-    model = getattr(torchvision.models, arch)(num_classes=num_classes)
-    if stem == "cifar":  # the CIFAR stem: 3x3/1 conv, no max-pool
-        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        model.maxpool = torch.nn.Identity()
-    return model
-
-
-def _torch_cifar_resnet():
-    import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        """He et al.'s basic block with the parameter-free shortcut A."""
-
-        def __init__(self, cin: int, cout: int, stride: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.stride, self.extra = stride, cout - cin
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
-            if self.extra:
-                short = nn.functional.pad(short, (0, 0, 0, 0, 0, self.extra))
-            return torch.relu(y + short)
-
-    class CifarResNet(nn.Module):
-        """ResNet-(6n+2) for CIFAR, widths 16/32/64: the twin of resnet_jax's resnet20."""
-
-        def __init__(self, n: int, num_classes: int = NUM_CLASSES):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(16)
-            layers, cin = [], 16
-            for stage, width in enumerate((16, 32, 64)):
-                for index in range(n):
-                    stride = 2 if stage > 0 and index == 0 else 1
-                    layers.append(Block(cin, width, stride))
-                    cin = width
-            self.layers = nn.Sequential(*layers)
-            self.fc = nn.Linear(64, num_classes)
-
-        def forward(self, x):
-            x = self.layers(torch.relu(self.bn1(self.conv1(x))))
-            return self.fc(x.mean((2, 3)))
-
-    return CifarResNet
-
-
-def TorchCifarResNet(n: int, num_classes: int = NUM_CLASSES):
-    return _torch_cifar_resnet()(n, num_classes)
-
-
-class TorchTrainer:
-    def __init__(self, name: str, batch_size: int, bf16: bool = False):
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        self.torch, self.bf16 = torch, bf16
-        self.model = torch_model(name).to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(
-            self.model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
-        )
-        batch = host_batch(batch_size)
-        image = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # NHWC memory = channels_last
-        self.x, self.y = image, torch.from_numpy(batch["label"]).long()
-        self.loss_fn = torch.nn.CrossEntropyLoss()
-        self(1)
-
-    def __call__(self, steps: int) -> float:
-        torch = self.torch
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss_fn(self.model(self.x), self.y)
-            loss.backward()
-            self.opt.step()
-        loss.item()
-        return (time.perf_counter() - start) / steps
-
-    def evaluator(self) -> Callable[[int], float]:
-        torch, model = self.torch, self.model
-
-        def run(steps: int) -> float:
-            model.eval()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                for _ in range(steps):
-                    logits = model(self.x)
-                logits.sum().item()
-            model.train()
-            return (time.perf_counter() - start) / steps
-
-        run(1)
-        return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,14 +90,14 @@ def child_main(args: argparse.Namespace) -> None:
         import torchvision  # noqa: F401  (imported before the baseline, as jax already is)
     baseline = rss_mib()  # count what the run adds to the imported framework
     if args.child == "torch":
-        trainer = TorchTrainer(args.model, args.batch_size)
+        trainer = harness.TorchTrainer(args.model, harness.host_batch(args.batch_size))
         trainer(2)
         out: dict[str, Any] = {}
     else:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-        trainer = JaxTrainer(args.model, args.batch_size)
+        trainer = harness.JaxTrainer(args.model, harness.host_batch(args.batch_size))
         first_step = time.perf_counter() - start
         trainer(2)
         out = {"compile_s": trainer.compile_s, "first_step_s": first_step}
@@ -370,17 +143,12 @@ def pipeline_check(name: str, batch_size: int, windows: int, steps: int) -> dict
     num_examples = batch_size * 16
     rng = np.random.default_rng(1)
     split = data.Split(
-        rng.integers(0, 256, (num_examples, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-        rng.integers(0, NUM_CLASSES, num_examples, dtype=np.int32),
+        rng.integers(0, 256, (num_examples, harness.IMAGE_SIZE, harness.IMAGE_SIZE, 3), np.uint8),
+        rng.integers(0, harness.NUM_CLASSES, num_examples, dtype=np.int32),
     )
-    if augment is not None:
-        preprocess = augment.make_preprocess(
-            mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD, crop_padding=4, flip=True
-        )
-        what = "crop(pad 4)+flip+normalize on device"
-    else:
-        preprocess = _normalize_only
-        what = "normalize on device (augment.py not present)"
+    preprocess = augment.make_preprocess(
+        mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD, crop_padding=4, flip=True
+    )
 
     def batches():
         epoch = 0
@@ -388,27 +156,24 @@ def pipeline_check(name: str, batch_size: int, windows: int, steps: int) -> dict
             yield from data.train_batches(split, batch_size, seed=0, epoch=epoch)
             epoch += 1
 
-    plain = JaxTrainer(name, batch_size)
-    fed = JaxTrainer(name, batch_size, preprocess=preprocess)
+    plain = harness.JaxTrainer(name, harness.host_batch(batch_size))
+    fed = harness.JaxTrainer(
+        name, harness.host_batch(batch_size, uint8=True), preprocess=preprocess
+    )
     feed = batches()
-    times = alternate(
+    times = harness.alternate(
         {"device_batch": plain, "pipeline": lambda n: fed(n, feed), "augment_only": fed},
         windows,
         steps,
     )
     return {
-        "what": what,
+        "what": "crop(pad 4)+flip+normalize on device",
         "device_batch_s": times["device_batch"],
         "augment_only_s": times["augment_only"],
         "pipeline_s": times["pipeline"],
         "overhead": times["pipeline"] / times["device_batch"] - 1.0,
         "augment_overhead": times["augment_only"] / times["device_batch"] - 1.0,
     }
-
-
-def _normalize_only(images, rng=None):
-    del rng
-    return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,26 +206,14 @@ def conv_layers(batch_size: int, windows: int, quick: bool) -> list[dict[str, An
         flops = 2.0 * batch_size * out * out * c_in * c_out * 9
         layer = f"{size}x{size}x{c_in}" + (f", stride {stride} to {c_out}" if stride > 1 else "")
         for kind in CONV_PASSES:
-            times = alternate({side: passes[kind] for side, passes in sides.items()}, windows, 2)
+            times = harness.alternate(
+                {side: passes[kind] for side, passes in sides.items()}, windows, 2
+            )
             rows.append(
                 {"layer": layer, "pass": kind}
                 | {f"{side}_gflop_s": flops / times[side] / 1e9 for side in sides}
             )
     return rows
-
-
-def timed(fn: Callable[[], Any]) -> Callable[[int], float]:
-    """`run(n)`: the seconds per call of `fn` over n calls, its outputs waited for (warmed up)."""
-
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            out = fn()
-        jax.block_until_ready(out)  # torch's outputs are ready already
-        return (time.perf_counter() - start) / n
-
-    run(1)
-    return run
 
 
 def _jax_conv_passes(x: np.ndarray, w: np.ndarray, stride: int, kind: str) -> dict[str, Callable]:
@@ -478,9 +231,9 @@ def _jax_conv_passes(x: np.ndarray, w: np.ndarray, stride: int, kind: str) -> di
     input_grad = jax.jit(lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
     kernel_grad = jax.jit(lambda x, w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
     return {
-        "forward": timed(lambda: forward(x, w)),
-        "input_grad": timed(lambda: input_grad(x, w)),
-        "kernel_grad": timed(lambda: kernel_grad(x, w)),
+        "forward": harness.timed(lambda: forward(x, w)),
+        "input_grad": harness.timed(lambda: input_grad(x, w)),
+        "kernel_grad": harness.timed(lambda: kernel_grad(x, w)),
     }
 
 
@@ -493,47 +246,33 @@ def _torch_conv_passes(x: np.ndarray, w: np.ndarray, stride: int) -> dict[str, C
 
     def backward(mask: list[bool]):
         args = (dy, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
-        return timed(lambda: torch.ops.aten.convolution_backward(*args))
+        return harness.timed(lambda: torch.ops.aten.convolution_backward(*args))
 
     return {
-        "forward": timed(lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1)),
+        "forward": harness.timed(
+            lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1)
+        ),
         "input_grad": backward([True, False, False]),
         "kernel_grad": backward([False, True, False]),
     }
 
 
-def machine() -> dict[str, str]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in out.splitlines()
-            if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    import torch
-
-    return {
-        "cpu": model,
-        "cores": str(os.cpu_count()),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "torch": torch.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+def machine() -> dict[str, Any]:
+    """`harness.machine()` and the kernel set and convs a CPU step runs here."""
+    return harness.machine() | {
         "kernels": models.resolve_kernels("auto"),
         "convs": "oneDNN" if onednn.available() else "XLA",
     }
 
 
 def bench_model(name: str, kernels: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
-    batch = args.batch_size
-    jax_train = JaxTrainer(name, batch, kernels=kernels)
-    torch_train = TorchTrainer(name, batch)
-    train = alternate({"jax": jax_train, "torch": torch_train}, args.windows, args.steps)
-    jax_eval, torch_eval = JaxEvaluator(jax_train), torch_train.evaluator()
-    evals = alternate({"jax": jax_eval, "torch": torch_eval}, args.windows, args.steps)
+    batch, images = args.batch_size, harness.host_batch(args.batch_size)
+    jax_train = harness.JaxTrainer(name, images, kernels=kernels)
+    torch_train = harness.TorchTrainer(name, images)
+    train = harness.alternate({"jax": jax_train, "torch": torch_train}, args.windows, args.steps)
+    jax_eval, torch_eval = jax_train.evaluator(), torch_train.evaluator()
+    evals = harness.alternate({"jax": jax_eval, "torch": torch_eval}, args.windows, args.steps)
+    flops = jax_train.flops()
     row: dict[str, Any] = {
         "model": name,
         "kernels": models.resolve_kernels(kernels),
@@ -546,16 +285,16 @@ def bench_model(name: str, kernels: str, args: argparse.Namespace, peak: float) 
         "jax_eval_img_s": batch / evals["jax"],
         "torch_eval_img_s": batch / evals["torch"],
         "eval_ratio": evals["torch"] / evals["jax"],
-        "gflop_per_step": jax_train.flops / 1e9,
-        "jax_gflop_s": jax_train.flops / train["jax"] / 1e9,
-        "fraction_of_gemm_peak": jax_train.flops / train["jax"] / 1e9 / peak,
+        "gflop_per_step": flops / 1e9,
+        "jax_gflop_s": flops / train["jax"] / 1e9,
+        "fraction_of_gemm_peak": flops / train["jax"] / 1e9 / peak,
         "windows": {"jax": train["jax_windows"], "torch": train["torch_windows"]},
         "load_avg_1min": os.getloadavg()[0],
     }
     if args.bf16:
-        jax_bf16 = JaxTrainer(name, batch, dtype=jnp.bfloat16, kernels=kernels)
-        torch_bf16 = TorchTrainer(name, batch, bf16=True)
-        half = alternate({"jax": jax_bf16, "torch": torch_bf16}, args.windows, args.steps)
+        jax_bf16 = harness.JaxTrainer(name, images, dtype=jnp.bfloat16, kernels=kernels)
+        torch_bf16 = harness.TorchTrainer(name, images, bf16=True)
+        half = harness.alternate({"jax": jax_bf16, "torch": torch_bf16}, args.windows, args.steps)
         row |= {
             "jax_bf16_train_img_s": batch / half["jax"],
             "torch_bf16_train_img_s": batch / half["torch"],
@@ -646,7 +385,9 @@ def print_report(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS)
+        "--models",
+        default=",".join(harness.MODELS),
+        help="comma-separated: " + ", ".join(harness.MODELS),
     )
     p.add_argument(
         "--kernels",
@@ -681,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.models.split(",")[0]
     if args.quick:
         args.batch_size, args.windows, args.steps, args.gemm_size = 8, 2, 1, 256
-        if args.models == ",".join(MODELS):
+        if args.models == ",".join(harness.MODELS):
             args.models = "resnet20"
     return args
 
@@ -695,9 +436,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         child_main(args)
         return {}
     names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in harness.MODELS]
     if unknown:
-        raise SystemExit(f"Unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
+        raise SystemExit(f"Unknown model(s) {unknown}; valid: {', '.join(harness.MODELS)}")
     result: dict[str, Any] = {
         "machine": machine(),
         "command": " ".join([".venv/bin/python", "-m", "experiments.benchmark", *sys.argv[1:]]),

@@ -15,9 +15,10 @@ kernels="xla")` (plain Flax; "auto" resolves to it on a GPU), `dtype=bfloat16` f
 `parallel.Parallel("jit").compile_train_step()` with the state donated. The PyTorch side is
 torchvision's same model, channels-last, bf16 autocast for the bf16 rows, SGD with the same
 hyperparameters, `cudnn.benchmark` on; once eager and once with the model under `torch.compile`
-(default mode; the optimizer step stays eager). The three sides alternate window by window
-(`benchmark.alternate`), each figure is the median over the timed windows after warm-up, and
-every window ends with `block_until_ready` / `torch.cuda.synchronize`.
+(default mode; the optimizer step stays eager). Both sides are `experiments.harness`'s, as in the
+CPU benchmark. The three sides alternate window by window (`harness.alternate`), each figure is
+the median over the timed windows after warm-up, and every window ends with `block_until_ready` /
+`torch.cuda.synchronize`.
 
 Reported per row: images/s of each side, JAX's speed as a multiple of each torch side's, JAX's
 ahead-of-time compile time, torch.compile's first step (compilation included), TFLOP per step from
@@ -32,29 +33,24 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 # JAX takes 75% of the GPU's memory at start by default; PyTorch shares the GPU in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from experiments import benchmark
-from resnet_jax import models, optim, parallel, train_state
+from experiments import harness
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One measured configuration: `model` is a key of benchmark.MODELS."""
+    """One measured configuration: `model` is a key of harness.MODELS."""
 
     name: str
     model: str
@@ -84,101 +80,15 @@ def bf16_matmul_tflop_s(size: int, windows: int, window_s: float) -> float:
     a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
     b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
     matmul = jax.jit(jnp.matmul)
-    run = benchmark.timed(lambda: matmul(a, b))
+    run = harness.timed(lambda: matmul(a, b))
     steps = steps_per_window(run, window_s)
-    seconds = benchmark.alternate({"matmul": run}, windows, steps)["matmul"]
+    seconds = harness.alternate({"matmul": run}, windows, steps)["matmul"]
     return 2.0 * size**3 / seconds / 1e12
 
 
-def steps_per_window(run: Callable[[int], float], window_s: float) -> int:
+def steps_per_window(run: harness.Runner, window_s: float) -> int:
     """How many steps make a timed window last about `window_s` (from two timed steps)."""
     return max(1, round(window_s / run(2)))
-
-
-# ----------------------------------------------------------------------------------------------
-# The two sides
-
-
-def synthetic_batch(row: Row, image_size: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Random normalized NHWC float32 images and labels (never zeros: they can time faster)."""
-    rng = np.random.default_rng(0)
-    shape = (batch_size, image_size, image_size, 3)
-    return {
-        "image": rng.standard_normal(shape, dtype=np.float32),
-        "label": rng.integers(0, row.num_classes, batch_size, dtype=np.int32),
-    }
-
-
-class JaxTrainer:
-    """This project's compiled train step on one placed state and one device-resident batch."""
-
-    def __init__(self, row: Row, batch: dict[str, np.ndarray]):
-        arch, stem = benchmark.MODELS[row.model]
-        dtype = jnp.bfloat16 if row.bf16 else jnp.float32
-        model = models.get_model(arch, row.num_classes, stem=stem, dtype=dtype, kernels="xla")
-        tx = optim.make_optimizer(
-            "sgd", benchmark.LR, momentum=benchmark.MOMENTUM, weight_decay=benchmark.WEIGHT_DECAY
-        )
-        self.par = parallel.Parallel("jit")
-        input_shape = (1, *batch["image"].shape[1:])
-        self.state = self.par.place_state(
-            train_state.create(model, tx, jax.random.key(0), input_shape)
-        )
-        self.batch = self.par.shard_batch(batch)
-        start = time.perf_counter()
-        lowered = self.par.compile_train_step().lower(self.state, self.batch)
-        self.step = lowered.compile()
-        self.compile_s = time.perf_counter() - start
-        # XLA:GPU's cost analysis of the optimized step; the unoptimized HLO's if it counts none.
-        self.flops = benchmark.flops_of(self.step) or benchmark.flops_of(lowered)
-        self(2)  # warm-up
-
-    def __call__(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - start) / steps
-
-
-class TorchTrainer:
-    """torchvision's twin in PyTorch, channels-last, eager or with the model under torch.compile."""
-
-    def __init__(self, row: Row, batch: dict[str, np.ndarray], compile_backend: str | None):
-        import torch
-
-        self.torch = torch
-        self.device = torch.device("cuda" if jax.default_backend() == "gpu" else "cpu")
-        torch.manual_seed(0)
-        model = benchmark.torch_model(row.model, row.num_classes)
-        model = model.to(self.device, memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(
-            model.parameters(),
-            lr=benchmark.LR,
-            momentum=benchmark.MOMENTUM,
-            weight_decay=benchmark.WEIGHT_DECAY,
-        )
-        self.model = torch.compile(model, backend=compile_backend) if compile_backend else model
-        # NHWC memory seen as NCHW: channels-last, the same images as the JAX side.
-        self.x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).to(self.device)
-        self.y = torch.from_numpy(batch["label"]).long().to(self.device)
-        self.bf16 = row.bf16
-        self.loss_fn = torch.nn.CrossEntropyLoss()
-        self.first_step_s = self(1)  # torch.compile compiles here; eager picks its cuDNN kernels
-        self(2)  # warm-up
-
-    def __call__(self, steps: int) -> float:
-        torch = self.torch
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.opt.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss_fn(self.model(self.x), self.y)
-            loss.backward()
-            self.opt.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,15 +104,23 @@ def bench_row(row: Row, args: argparse.Namespace, matmul_tflop_s: float) -> dict
         "image_size": image_size,
         "batch_size": batch_size,
     }
-    batch = synthetic_batch(row, image_size, batch_size)
-    runners: dict[str, Callable[[int], float]] = {}
-    jax_side = JaxTrainer(row, batch)
+    batch = harness.host_batch(batch_size, image_size, row.num_classes)
+    dtype = jnp.bfloat16 if row.bf16 else jnp.float32
+    runners: dict[str, harness.Runner] = {}
+    torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    jax_side = harness.JaxTrainer(
+        row.model, batch, num_classes=row.num_classes, dtype=dtype, kernels="xla", warmup_steps=2
+    )
     runners["jax"] = jax_side
-    result |= {"jax_compile_s": jax_side.compile_s, "step_tflop": jax_side.flops / 1e12}
+    flops = jax_side.flops()
+    result |= {"jax_compile_s": jax_side.compile_s, "step_tflop": flops / 1e12}
     progress(f"{row.name}: JAX compiled in {jax_side.compile_s:.1f} s")
     for side, backend in zip(TORCH_SIDES, (None, args.torch_compile_backend), strict=True):
         try:
-            trainer = TorchTrainer(row, batch, backend)
+            trainer = harness.TorchTrainer(
+                row.model, batch, num_classes=row.num_classes, bf16=row.bf16, device=torch_device,
+                compile_backend=backend, warmup_steps=2,
+            )  # fmt: skip
         except Exception as error:  # one failing side must not cost the run the others
             traceback.print_exc()
             result[f"{side}_error"] = describe(error)
@@ -211,11 +129,11 @@ def bench_row(row: Row, args: argparse.Namespace, matmul_tflop_s: float) -> dict
         result[f"{side}_first_step_s"] = trainer.first_step_s
         progress(f"{row.name}: {side} first step {trainer.first_step_s:.1f} s")
     steps = steps_per_window(jax_side, args.window_s)
-    times = benchmark.alternate(runners, args.windows, steps)
+    times = harness.alternate(runners, args.windows, steps)
     result |= {"steps_per_window": steps, "windows_s": {s: times[f"{s}_windows"] for s in runners}}
     for side in runners:
         result[f"{side}_img_s"] = batch_size / times[side]
-        result[f"{side}_mfu"] = jax_side.flops / times[side] / 1e12 / matmul_tflop_s
+        result[f"{side}_mfu"] = flops / times[side] / 1e12 / matmul_tflop_s
     for side in TORCH_SIDES:
         if side in runners:
             result[f"vs_{side}"] = times[side] / times["jax"]
@@ -243,28 +161,16 @@ def release_memory() -> None:
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
-    import flax
+    """`harness.machine()` and the settings that decide what each side's numbers mean."""
     import torch
-    import torchvision
 
-    device = jax.devices()[0]
-    return {
-        "device": device.device_kind,
-        "device_count": jax.device_count(),
-        "backend": jax.default_backend(),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+    return harness.machine() | {
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "torch_compile_backend": args.torch_compile_backend,
         "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
         "torch_tf32_conv": torch.backends.cudnn.allow_tf32,
         "torch_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
     }
 

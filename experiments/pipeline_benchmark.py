@@ -273,36 +273,18 @@ def train_step_img_s(model: str, batch_size: int, image_size: int, windows: int)
     """Images/s of the compiled train step on a device-resident batch, as benchmark.py times it."""
     import jax
 
-    from experiments import benchmark
-    from resnet_jax import parallel
+    from experiments import harness
 
-    par = parallel.Parallel("jit")
-    state = par.place_state(benchmark.make_state(model))
-    rng = np.random.default_rng(0)
-    batch = par.shard_batch(
-        {
-            "image": rng.standard_normal((batch_size, image_size, image_size, 3), np.float32),
-            "label": rng.integers(0, benchmark.NUM_CLASSES, batch_size, dtype=np.int32),
-        }
-    )
-    start = time.perf_counter()
-    step = par.compile_train_step().lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    states = [state]
-
-    def one_step() -> Any:
-        states[0], metrics = step(states[0], batch)
-        return metrics
-
-    seconds = benchmark.alternate({"step": benchmark.timed(one_step)}, windows, 1)
+    trainer = harness.JaxTrainer(model, harness.host_batch(batch_size, image_size))
+    seconds = harness.alternate({"step": trainer}, windows, 1)["step"]
     return {
         "model": model,
         "backend": jax.default_backend(),
         "batch_size": batch_size,
         "image_size": image_size,
-        "compile_s": compile_s,
-        "step_s": seconds["step"],
-        "img_s": batch_size / seconds["step"],
+        "compile_s": trainer.compile_s,
+        "step_s": seconds,
+        "img_s": batch_size / seconds,
     }
 
 
@@ -480,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="runs of each side per worker count")
     p.add_argument("--windows", type=int, default=3, help="timed windows per run")
     p.add_argument("--window_batches", type=int, default=2, help="batches per worker per window")
-    p.add_argument("--step_model", default="resnet50", help="a model of benchmark.py's MODELS")
+    p.add_argument("--step_model", default="resnet50", help="a model of harness.MODELS")
     p.add_argument("--step_batch_size", type=int, default=32)
     p.add_argument("--step_image_size", type=int, default=224)
     p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
