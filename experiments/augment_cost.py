@@ -11,13 +11,15 @@ resnet18-cifar, as the benchmarks compile it) without and with the heaviest vari
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
+from absl import app, flags
 
 from experiments import harness
 from resnet_jax import augment, cpu
@@ -57,20 +59,34 @@ def variant_trainer(
     return harness.JaxTrainer(name, batch, preprocess=preprocess, mix=mix)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model", default="resnet18-cifar", choices=list(harness.MODELS))
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
-    parser.add_argument("--quick", action="store_true", help="resnet20, batch 8, one window")
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program: importing this module adds no
+    flags)."""
+    flags.DEFINE_enum("model", "resnet18-cifar", list(harness.MODELS), "The train step's model.")
+    flags.DEFINE_integer("batch_size", 128, "Images per batch.")
+    flags.DEFINE_integer("windows", 3, "Timed windows per variant (median taken).")
+    flags.DEFINE_integer("steps", 2, "Steps per timed window.")
+    flags.DEFINE_bool("quick", False, "resnet20, batch 8, one window: proves the script runs.")
+    flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+
+
+def settings() -> SimpleNamespace:
+    """The flags' values, with --quick's in place of the sizes (they win)."""
+    args = SimpleNamespace(**FLAGS.flag_values_dict())
     if args.quick:
         args.model, args.batch_size, args.windows, args.steps = "resnet20", 8, 1, 1
+    return args
+
+
+def main(argv: list[str]) -> None:
+    """Times the variants, prints them and writes the JSON."""
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}. Run with --help to see the flags.")
+    cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
+    args = settings()
     batch = harness.host_batch(args.batch_size, uint8=True)
     images = jax.device_put(batch["image"])
     alone = harness.alternate(
@@ -97,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  train step          {name:30s} {ms:8.1f} ms/step")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -24,7 +24,6 @@ this script.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -34,11 +33,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax import lax
 
 from experiments import harness
@@ -83,7 +84,7 @@ def rss_mib(field: str = "VmRSS") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else 0.0
 
 
-def child_main(args: argparse.Namespace) -> None:
+def child_main(args: SimpleNamespace) -> None:
     """Runs in a fresh process: prints one JSON line for the parent."""
     start = time.perf_counter()
     if args.child == "torch":
@@ -107,8 +108,8 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def run_child(kind: str, model: str, batch_size: int, cache_dir: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "experiments.benchmark", "--child", kind, "--models", model,
-           "--batch_size", str(batch_size), "--cache_dir", cache_dir]  # fmt: skip
+    cmd = [sys.executable, "-m", "experiments.benchmark", f"--child={kind}", f"--models={model}",
+           f"--batch_size={batch_size}", f"--cache_dir={cache_dir}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -265,7 +266,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def bench_model(name: str, kernels: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
+def bench_model(name: str, kernels: str, args: SimpleNamespace, peak: float) -> dict[str, Any]:
     batch, images = args.batch_size, harness.host_batch(args.batch_size)
     jax_train = harness.JaxTrainer(name, images, kernels=kernels)
     torch_train = harness.TorchTrainer(name, images)
@@ -382,63 +383,75 @@ def print_report(result: dict[str, Any]) -> None:
             print(f"| {r['layer']} | {r['pass']} | {values} |")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--models",
-        default=",".join(harness.MODELS),
-        help="comma-separated: " + ", ".join(harness.MODELS),
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program: importing this module adds no
+    flags)."""
+    flags.DEFINE_list(
+        "models", list(harness.MODELS), f"Models, comma-separated, of: {', '.join(harness.MODELS)}."
     )
-    p.add_argument(
-        "--kernels",
-        default="auto",
-        help="comma-separated kernel sets (model.kernels: auto, cpu, xla), one row each",
+    flags.register_validator(
+        "models",
+        lambda names: set(names) <= set(harness.MODELS),
+        f"takes models of: {', '.join(harness.MODELS)}",
     )
-    p.add_argument(
-        "--max_isa",
-        default="",
-        choices=["", *cpu.ISA_CAPS],
-        help="hold oneDNN, XLA:CPU and PyTorch to this instruction set, as on an older CPU",
+    flags.DEFINE_list(
+        "kernels", ["auto"], "Kernel sets (model.kernels: auto, cpu, xla), one row each."
     )
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--windows", type=int, default=5, help="timed windows per side (median taken)")
-    p.add_argument("--steps", type=int, default=2, help="steps per timed window")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs")
-    p.add_argument("--bf16", action="store_true", help="also JAX bf16 against torch bf16 autocast")
-    p.add_argument(
-        "--no_subprocess", action="store_true", help="skip compile/warm-start/memory subprocesses"
+    flags.register_validator(
+        "kernels",
+        lambda sets: set(sets) <= set(models.KERNELS),
+        f"takes kernel sets of: {', '.join(models.KERNELS)}",
     )
-    p.add_argument("--no_pipeline", action="store_true", help="skip the input-pipeline check")
-    p.add_argument(
-        "--layers",
-        action="store_true",
-        help="also time resnet18-cifar's 3x3 convs one by one: XLA, oneDNN, torch",
+    flags.DEFINE_enum(
+        "max_isa", "", ["", *cpu.ISA_CAPS],
+        "Hold oneDNN, XLA:CPU and PyTorch to this instruction set, as on an older CPU.",
+    )  # fmt: skip
+    flags.DEFINE_integer("batch_size", 128, "Batch size of every step.")
+    flags.DEFINE_integer("windows", 5, "Timed windows per side (median taken).")
+    flags.DEFINE_integer("steps", 2, "Steps per timed window.")
+    flags.DEFINE_bool("quick", False, "Tiny sizes: proves the script runs.")
+    flags.DEFINE_bool("bf16", False, "Also JAX bf16 against torch bf16 autocast.")
+    flags.DEFINE_bool("no_subprocess", False, "Skip the compile/warm-start/memory subprocesses.")
+    flags.DEFINE_bool("no_pipeline", False, "Skip the input-pipeline check.")
+    flags.DEFINE_bool(
+        "layers", False, "Also time resnet18-cifar's 3x3 convs one by one: XLA, oneDNN, torch."
     )
-    p.add_argument("--gemm_size", type=int, default=2048)
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    p.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.model = args.models.split(",")[0]
+    flags.DEFINE_integer("gemm_size", 2048, "Size of the float32 GEMM that gives the peak.")
+    flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+    flags.DEFINE_enum(
+        "child", "", ["", "jax", "torch"],
+        "Internal: measure one side's start-up and memory in this fresh process.",
+    )  # fmt: skip
+    flags.DEFINE_string("cache_dir", "", "Internal: the child's compilation cache.")
+
+
+def settings() -> SimpleNamespace:
+    """The flags' values, with --quick's tiny sizes in place of the sizes (they win) and `model`,
+    the first of --models."""
+    args = SimpleNamespace(**FLAGS.flag_values_dict())
     if args.quick:
         args.batch_size, args.windows, args.steps, args.gemm_size = 8, 2, 1, 256
-        if args.models == ",".join(harness.MODELS):
-            args.models = "resnet20"
+        if args.models == list(harness.MODELS):
+            args.models = ["resnet20"]
+    args.model = args.models[0]
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def main(argv: list[str]) -> None:
+    """Measures, prints the report and writes the JSON (or, as a child, one JSON line)."""
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}. Run with --help to see the flags.")
+    args = settings()
     if args.max_isa:  # before JAX starts a backend and torch is imported
         os.environ.update(cpu.isa_capped_environment(args.max_isa))
     cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     if args.child:
         child_main(args)
-        return {}
-    names = args.models.split(",")
-    unknown = [n for n in names if n not in harness.MODELS]
-    if unknown:
-        raise SystemExit(f"Unknown model(s) {unknown}; valid: {', '.join(harness.MODELS)}")
+        return
+    names = args.models
     result: dict[str, Any] = {
         "machine": machine(),
         "command": " ".join([".venv/bin/python", "-m", "experiments.benchmark", *sys.argv[1:]]),
@@ -448,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     peak = result["gemm_gflop_s"]["jax"]
     for name in names:
-        for kernel_set in args.kernels.split(","):
+        for kernel_set in args.kernels:
             print(f"... {name} ({kernel_set})", file=sys.stderr, flush=True)
             result["rows"].append(bench_model(name, kernel_set, args, peak))
     if not args.no_pipeline:
@@ -462,8 +475,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -28,7 +28,6 @@ over the bf16 matmul rate measured in the same run (an 8192^3 bf16 matmul in JAX
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -37,6 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 # JAX takes 75% of the GPU's memory at start by default; PyTorch shares the GPU in this process.
@@ -44,6 +44,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 from experiments import harness
 
@@ -95,7 +96,7 @@ def steps_per_window(run: harness.Runner, window_s: float) -> int:
 # One row
 
 
-def bench_row(row: Row, args: argparse.Namespace, matmul_tflop_s: float) -> dict[str, Any]:
+def bench_row(row: Row, args: SimpleNamespace, matmul_tflop_s: float) -> dict[str, Any]:
     """Builds the three sides of `row`, alternates their timed windows and returns the figures."""
     image_size, batch_size = (
         QUICK_SIZES[row.model] if args.quick else (row.image_size, row.batch_size)
@@ -160,7 +161,7 @@ def release_memory() -> None:
 # The report
 
 
-def machine(args: argparse.Namespace) -> dict[str, Any]:
+def machine(args: SimpleNamespace) -> dict[str, Any]:
     """`harness.machine()` and the settings that decide what each side's numbers mean."""
     import torch
 
@@ -225,37 +226,45 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    names = [row.name for row in ROWS]
-    p.add_argument("--rows", default=",".join(names), help="comma-separated: " + ", ".join(names))
-    p.add_argument("--windows", type=int, default=5, help="timed windows per side (median taken)")
-    p.add_argument("--window_s", type=float, default=0.5, help="about how long one window lasts")
-    p.add_argument("--matmul_size", type=int, default=8192)
-    p.add_argument(
-        "--torch_compile_backend", default="inductor", help="torch.compile's backend (default)"
+FLAGS = flags.FLAGS
+ROW_NAMES = [row.name for row in ROWS]
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program: importing this module adds no
+    flags)."""
+    flags.DEFINE_list("rows", ROW_NAMES, f"Rows, comma-separated, of: {', '.join(ROW_NAMES)}.")
+    flags.register_validator(
+        "rows", lambda rows: set(rows) <= set(ROW_NAMES), f"takes rows of: {', '.join(ROW_NAMES)}"
     )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny images and batches, 2 short windows, torch.compile on aot_eager: proves the "
-        "script runs (on the CPU too)",
-    )
-    p.add_argument("--json", default="", help="write the results here, rewritten after each row")
-    args = p.parse_args(argv)
+    flags.DEFINE_integer("windows", 5, "Timed windows per side (median taken).")
+    flags.DEFINE_float("window_s", 0.5, "About how long one window lasts, seconds.")
+    flags.DEFINE_integer("matmul_size", 8192, "Size of the bf16 matmul that gives the chip's rate.")
+    flags.DEFINE_string("torch_compile_backend", "inductor", "torch.compile's backend.")
+    flags.DEFINE_bool(
+        "quick", False,
+        "Tiny images and batches, 2 short windows, torch.compile on aot_eager: proves the script "
+        "runs (on the CPU too).",
+    )  # fmt: skip
+    flags.DEFINE_string("json", "", "Write the results here, rewritten after each row.")
+
+
+def settings() -> SimpleNamespace:
+    """The flags' values, with --quick's in place of the sizes (they win)."""
+    args = SimpleNamespace(**FLAGS.flag_values_dict())
     if args.quick:
         args.windows, args.window_s, args.matmul_size = 2, 0.0, 256
         # Inductor would compile C++ for minutes on a small CPU; aot_eager traces the same graphs.
         if args.torch_compile_backend == "inductor":
             args.torch_compile_backend = "aot_eager"
-    unknown = set(args.rows.split(",")) - set(names)
-    if unknown:
-        p.error(f"unknown rows {sorted(unknown)}; valid: {', '.join(names)}")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def main(argv: list[str]) -> None:
+    """Measures the rows, printing and writing each as it is done, then the report."""
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}. Run with --help to see the flags.")
+    args = settings()
     import torch
 
     torch.backends.cudnn.benchmark = True  # as PyTorch's ImageNet recipes run
@@ -267,8 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["matmul_tflop_s"] = bf16_matmul_tflop_s(args.matmul_size, args.windows, args.window_s)
     progress(f"bf16 matmul: {result['matmul_tflop_s']:.1f} TFLOP/s")
-    wanted = args.rows.split(",")
-    for row in (row for row in ROWS if row.name in wanted):
+    for row in (row for row in ROWS if row.name in args.rows):
         progress(f"{row.name} ...")
         try:
             result["rows"].append(bench_row(row, args, result["matmul_tflop_s"]))
@@ -280,8 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:  # after every row, so a run cut short by its timeout keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=1))
     print_report(result)
-    return result
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

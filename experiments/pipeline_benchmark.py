@@ -42,7 +42,6 @@ process that maps it).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -53,9 +52,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
 from resnet_jax import base_config, cpu, data, stream
@@ -232,7 +233,7 @@ def measure(
     return {"startup_s": startup_s, "windows_img_s": rates, "windows_cpu_ms": cpu_ms}
 
 
-def compare(args: argparse.Namespace, root: Path, workers: int) -> dict[str, Any]:
+def compare(args: SimpleNamespace, root: Path, workers: int) -> dict[str, Any]:
     """Stream mode against torchvision at one worker count, alternating the order round by round."""
     sides = {
         "stream": lambda: stream_batches(root, args.batch_size, workers),
@@ -309,7 +310,7 @@ def write_startup_folders(root: Path, sizes: list[int], num_classes: int) -> dic
 
 
 def train_to_first_step(
-    args: argparse.Namespace, folder: Path, pipeline: str, workdir: Path, cache_dir: Path
+    args: SimpleNamespace, folder: Path, pipeline: str, workdir: Path, cache_dir: Path
 ) -> dict[str, Any]:
     """One tiny training run of the ImageNet recipe on `folder`, watched from outside: seconds
     from its start to its first step record, the main process's peak RSS and the whole tree's."""
@@ -354,7 +355,7 @@ def has_step_record(metrics: Path) -> bool:
         return False
 
 
-def startup_rows(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+def startup_rows(args: SimpleNamespace, root: Path) -> list[dict[str, Any]]:
     """Each pipeline at each size, after one untimed run that fills the compilation cache (not
     with --quick, whose figures only prove the script runs)."""
     folders = write_startup_folders(root, args.startup_sizes, args.classes)
@@ -452,34 +453,49 @@ def growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--folder", default="", help="use this folder (train/ and test/<class>/*.jpg)")
-    p.add_argument("--images", type=int, default=2048, help="JPEGs to write (without --folder)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2, help="runs of each side per worker count")
-    p.add_argument("--windows", type=int, default=3, help="timed windows per run")
-    p.add_argument("--window_batches", type=int, default=2, help="batches per worker per window")
-    p.add_argument("--step_model", default="resnet50", help="a model of harness.MODELS")
-    p.add_argument("--step_batch_size", type=int, default=32)
-    p.add_argument("--step_image_size", type=int, default=224)
-    p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
-    p.add_argument("--startup", action="store_true", help="measure memory and start-up instead")
-    p.add_argument("--startup_sizes", default="1000,8000", help="train JPEGs per folder")
-    p.add_argument("--startup_steps", type=int, default=3, help="train steps per run")
-    p.add_argument("--startup_workers", type=int, default=2, help="stream mode's workers")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program: importing this module, as grain's
+    workers do, adds no flags)."""
+    from experiments import harness  # imports JAX: not in the workers
+
+    flags.DEFINE_string("folder", "", "Use this folder (train/ and test/<class>/*.jpg).")
+    flags.DEFINE_integer("images", 2048, "JPEGs to write (without --folder).")
+    flags.DEFINE_integer("classes", 10, "Classes of the JPEGs written.")
+    flags.DEFINE_list("workers", ["1", "2"], "Worker counts, comma-separated.")
+    flags.DEFINE_integer("batch_size", 128, "Images per batch.")
+    flags.DEFINE_integer("rounds", 2, "Runs of each side per worker count.")
+    flags.DEFINE_integer("windows", 3, "Timed windows per run.")
+    flags.DEFINE_integer("window_batches", 2, "Batches per worker per window.")
+    flags.DEFINE_enum("step_model", "resnet50", list(harness.MODELS), "The train step's model.")
+    flags.DEFINE_integer("step_batch_size", 32, "The train step's batch size.")
+    flags.DEFINE_integer("step_image_size", 224, "The train step's image size.")
+    flags.DEFINE_bool("no_step", False, "Skip the train-step timing.")
+    flags.DEFINE_bool("startup", False, "Measure memory and start-up instead.")
+    flags.DEFINE_list("startup_sizes", ["1000", "8000"], "Train JPEGs per folder, comma-separated.")
+    flags.DEFINE_integer("startup_steps", 3, "Train steps per run.")
+    flags.DEFINE_integer("startup_workers", 2, "Stream mode's workers.")
+    flags.DEFINE_bool("quick", False, "Tiny sizes: proves the script runs.")
+    flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+    for name in ("workers", "startup_sizes"):
+        flags.register_validator(
+            name, lambda counts: all(c.isdigit() for c in counts), "takes whole numbers, e.g. 1,2"
+        )
+
+
+def settings() -> SimpleNamespace:
+    """The flags' values, with --quick's tiny sizes in place of the sizes (they win) and the
+    comma-separated counts as numbers."""
+    args = SimpleNamespace(**FLAGS.flag_values_dict())
     if args.quick:
         args.images, args.batch_size = 64, 8
         args.rounds, args.windows, args.window_batches = 1, 2, 1
         args.step_model, args.step_batch_size, args.step_image_size = "resnet20", 2, 32
-        args.startup_sizes, args.startup_steps = "64,128", 2
-    args.startup_sizes = [int(size) for size in args.startup_sizes.split(",")]
-    args.workers = [int(workers) for workers in args.workers.split(",")]
+        args.startup_sizes, args.startup_steps = ["64", "128"], 2
+    args.startup_sizes = [int(size) for size in args.startup_sizes]
+    args.workers = [int(workers) for workers in args.workers]
     return args
 
 
@@ -498,7 +514,7 @@ def folder_stats(root: Path) -> dict[str, float]:
     }
 
 
-def throughput(args: argparse.Namespace, result: dict[str, Any], tmp: Path) -> None:
+def throughput(args: SimpleNamespace, result: dict[str, Any], tmp: Path) -> None:
     """The pipelines at each worker count, then the train step."""
     root = Path(args.folder) if args.folder else tmp
     if not args.folder:
@@ -523,8 +539,12 @@ def throughput(args: argparse.Namespace, result: dict[str, Any], tmp: Path) -> N
         )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def main(argv: list[str]) -> None:
+    """Measures throughput (or, with --startup, memory and start-up), prints the report and
+    writes the JSON."""
+    if len(argv) > 1:
+        sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}. Run with --help to see the flags.")
+    args = settings()
     cpu.setup_if_cpu()  # before JAX starts a backend, as the command lines do
     result: dict[str, Any] = {
         "command": " ".join(
@@ -544,8 +564,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (print_startup_report if args.startup else print_report)(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)
