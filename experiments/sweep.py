@@ -37,11 +37,11 @@ from typing import Any
 
 from absl import app, flags
 
+from resnet_jax import reporting
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ARM_FILE = "sweep_arm.json"  # in each arm's workdir: the config it was trained with, and where
-RESULTS_FILE = "results.json"
-METRICS_FILE = "metrics.jsonl"
 # Keys that say where things are or how often to log, not what is trained: they may change
 # between a run and its resumption.
 WHERE_KEYS = (
@@ -427,7 +427,7 @@ def run(study: Study) -> list[ArmResult]:
     if not FLAGS.plot_only:
         for i, arm in enumerate(selected, 1):
             workdir = out / arm.name
-            if (workdir / RESULTS_FILE).exists():
+            if (workdir / reporting.RESULTS_FILE).exists():
                 print(f"[{i}/{len(selected)}] {arm.name}: finished earlier; not trained again.")
                 continue
             if _read_arm_file(workdir).get("diverged"):
@@ -436,7 +436,7 @@ def run(study: Study) -> list[ArmResult]:
                     f"(delete {workdir} to try again)."
                 )
                 continue
-            resuming = (workdir / METRICS_FILE).exists()
+            resuming = (workdir / reporting.METRICS_FILE).exists()
             print(f"[{i}/{len(selected)}] {arm.name}: {'resuming' if resuming else 'training'}.")
             train_arm(configs[arm.name], workdir, study, arm)
     results = [collect(study, every, arm, out / arm.name) for arm in selected]
@@ -503,22 +503,14 @@ def _now() -> str:
 # --- reading a workdir ---------------------------------------------------------------------------
 
 
-def read_epochs(workdir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of metrics.jsonl (`"record": "epoch"`), one per epoch, in order.
-
-    A line cut short by a killed run is skipped; after a resume the record written last wins.
-    """
-    path = workdir / METRICS_FILE
-    if not path.exists():
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("record") == "epoch":
-            by_epoch[round(record["epoch"])] = record
+def epoch_records(workdir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of the run's metrics (`reporting.read_metrics`), one per epoch, in
+    order; should an epoch have two, the one written last."""
+    by_epoch = {
+        round(record["epoch"]): record
+        for record in reporting.read_metrics(workdir)
+        if record.get("record") == "epoch"
+    }
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
@@ -540,11 +532,6 @@ def iterations_per_epoch(result: ArmResult) -> int | None:
     return round(first["step"] / first["epoch"]) if "step" in first and first["epoch"] else None
 
 
-def read_results(workdir: Path) -> dict[str, Any] | None:
-    path = workdir / RESULTS_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmResult:
     record = _read_arm_file(workdir)
     return ArmResult(
@@ -552,8 +539,8 @@ def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmR
         color=arm_color(every, arm),
         workdir=workdir,
         config=record.get("config", {}),
-        epochs=read_epochs(workdir),
-        results=read_results(workdir),
+        epochs=epoch_records(workdir),
+        results=reporting.read_results(workdir),
         hardware="; ".join(record.get("hardware", [])),
         quick=record.get("quick", bool(FLAGS.quick)),
         started=record.get("started", ""),
@@ -573,9 +560,7 @@ def last(result: ArmResult, key: str) -> float | None:
 
 def series(result: ArmResult, key: str) -> tuple[list[float], list[float]]:
     """(epochs done, values) of a per-epoch key."""
-    from resnet_jax.reporting import epochs_done
-
-    points = [(epochs_done(r), r[key]) for r in result.epochs if r.get(key) is not None]
+    points = [(reporting.epochs_done(r), r[key]) for r in result.epochs if r.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
