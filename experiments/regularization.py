@@ -20,6 +20,9 @@ Quick check that it runs (minutes on a CPU; tiny nets, not a result):
 Writes <out>/results.csv, results.md, curves.png and test_accuracy.png; a rerun resumes.
 """
 
+import runpy
+from typing import Any
+
 from experiments import sweep
 from resnet_jax import config_utils
 
@@ -35,14 +38,15 @@ GROUPS = {
 }
 
 
-def strong_additions() -> dict[str, object]:
+def recipe(path: str) -> dict[str, Any]:
+    """A config file of the repository: its `get_config()`, flattened."""
+    return config_utils.flatten(runpy.run_path(str(sweep.REPO_ROOT / path))["get_config"]())
+
+
+def strong_additions() -> dict[str, Any]:
     """Every key whose value r18_strong.py sets differently from the baseline, with its value."""
-    base = sweep.load_config(BASELINE)
-    for key, value in BASELINE_OVERRIDES.items():
-        sweep.set_key(base, key, value)
-    base = config_utils.flatten(base)
-    strong = config_utils.flatten(sweep.load_config(STRONG))
-    return {key: value for key, value in strong.items() if base.get(key) != value}
+    base = recipe(BASELINE) | BASELINE_OVERRIDES
+    return {key: value for key, value in recipe(STRONG).items() if base.get(key) != value}
 
 
 def arms() -> list[sweep.Arm]:

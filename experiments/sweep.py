@@ -21,11 +21,9 @@ the trainer's syntax, `--config.num_epochs=30`.
 
 from __future__ import annotations
 
-import ast
 import csv
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -35,9 +33,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
-from resnet_jax import reporting
+from resnet_jax import cli, config_utils, reporting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,12 +80,8 @@ flags.DEFINE_string(
     "dataset", None, "cifar10, another tfds image dataset, or folder:/path (the study's default)."
 )
 flags.DEFINE_string("data_dir", None, "tfds data directory (default ~/tensorflow_datasets).")
-flags.DEFINE_string("config", None, "The base config file the arms override (the study's own).")
 flags.DEFINE_list("arms", None, "Run only these arms (comma-separated names); default all.")
 flags.DEFINE_bool("plot_only", False, "Train nothing: tabulate and plot what the arms have.")
-flags.DEFINE_multi_string(
-    "set", [], "key=value overrides for every arm; the same as --config.key=value."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,25 +148,18 @@ class Study:
 # --- flags ---------------------------------------------------------------------------------------
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-    """Parses the flags, turning the trainer's `--config.key=value` into `--set=key=value` (and
-    its booleans, `--config.key` and `--noconfig.key`, into `=true` and `=false`). A flag that
-    does not parse, or an argument that is no flag, is a SweepError."""
-    rewritten = []
-    for arg in argv:
-        if arg.startswith(("--config.", "--noconfig.")):
-            key, sep, value = arg.removeprefix("--").partition("=")
-            negated = key.startswith("no")
-            value = value if sep else ("false" if negated else "true")
-            rewritten.append(f"--set={key.removeprefix('no').removeprefix('config.')}={value}")
-        else:
-            rewritten.append(arg)
+def parse_flags(study: Study, argv: Sequence[str]) -> list[str]:
+    """Parses `argv` (argv[0] is the program) into FLAGS: the study flags, and --config as the
+    trainer's command line defines it (`define_config_flag`). A flag that does not parse, or an
+    argument that is no flag, is a SweepError."""
+    argv = list(argv)
     FLAGS.unparse_flags()  # a second in-process run (tests) starts from the defaults too
     try:
-        rest = FLAGS(rewritten)
-    except flags.Error as error:
-        reason = str(error).strip().splitlines()[-1]
-        raise SweepError(f"{reason}. Run with --help to see this study's flags.") from None
+        define_config_flag(study, argv)
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # a config file that failed to load raises only when read
+    except cli.FLAG_ERRORS as error:
+        raise SweepError(cli.explain_flag_error(error, argv)) from None
     if len(rest) > 1:
         raise SweepError(
             f"Unexpected arguments: {' '.join(rest[1:])}. Flags take their value after '=', "
@@ -179,13 +168,28 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return rest
 
 
+def define_config_flag(study: Study, argv: list[str]) -> None:
+    """--config, the trainer's config-file flag, with the study's base config as its default.
+    Its --config.KEY=VALUE overrides become flags of their own, read from `argv`, so it is defined
+    afresh for each parse."""
+    for name in [name for name in FLAGS if name == "config" or name.startswith("config.")]:
+        delattr(FLAGS, name)
+    config_flags.DEFINE_config_file(
+        "config", str(REPO_ROOT / study.base_config),
+        "The base config file the arms override (the study's own by default); override its keys "
+        "for every arm as --config.KEY=VALUE.",
+        lock_config=True, sys_argv=argv,
+    )  # fmt: skip
+    # --help lists the program's key flags (absl names the main module by sys.argv[0]).
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS["config"])
+
+
 def run_cli(study: Study) -> None:
     """The script entry point: `app.run` with the study's flags."""
-    from resnet_jax import cli
 
     def parse_or_exit(argv: Sequence[str]) -> list[str]:
         try:
-            return parse_flags(argv)
+            return parse_flags(study, argv)
         except SweepError as error:
             cli.exit_with_message(str(error))
 
@@ -195,14 +199,14 @@ def run_cli(study: Study) -> None:
 
 def main(study: Study, argv: Sequence[str]) -> list[ArmResult]:
     """Parses `argv` (argv[0] is the program name) and runs the study; for tests and notebooks."""
-    parse_flags(argv)
+    parse_flags(study, argv)
     return run(study)
 
 
 def _run_or_exit(study: Study) -> None:
     """`run`, where a mistake the user can fix ends in its message and exit status 1, and a
     SIGINT/SIGTERM (the trainer saves a checkpoint first) in 128 + the signal's number."""
-    from resnet_jax import cli, loop
+    from resnet_jax import loop
 
     try:
         run(study)
@@ -252,96 +256,34 @@ def pretrained_path(arch: str, needed: bool = True) -> str:
 # --- configs -------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path) -> Any:
-    """`get_config()` of a config file (relative paths from the repository root or cwd)."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise SweepError(f"No config file at {path}.")
-    spec = importlib.util.spec_from_file_location(f"_sweep_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def set_key(config: Any, key: str, value: Any) -> None:
-    """config["a.b.c"] = value, for a key that exists (a typo must not add a key)."""
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        if part not in node:
-            raise SweepError(f"Unknown config key {key!r}: no {part!r} in the config.")
-        node = node[part]
-    if leaf not in node:
-        raise SweepError(f"Unknown config key {key!r}: valid keys here are {sorted(node)}.")
-    current = node[leaf]
-    if isinstance(current, bool) and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise SweepError(f"{key} takes true or false, got {value!r}.")
-        value = value.lower() in ("true", "1")
-    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    try:
-        node[leaf] = value
-    except TypeError as error:
-        raise SweepError(f"Bad value for {key}: {error}") from None
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal if `text` is one (1e-3, True, (2, 3)), else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def user_overrides() -> dict[str, Any]:
-    """The --config.key=value overrides of the command line, in order."""
-    overrides = {}
-    for item in FLAGS.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SweepError(f"--config.{item}: expected --config.key=value.")
-        overrides[key] = parse_value(value)
-    return overrides
-
-
-def base_config(study: Study) -> Any:
-    """The study's base config with --quick, --dataset, --data_dir and --config.* applied."""
-    from resnet_jax import config_utils
-
-    config = load_config(FLAGS.config or study.base_config)
-    for key, value in study.overrides.items():
-        set_key(config, key, value)
+def base_config(study: Study) -> ml_collections.ConfigDict:
+    """--config (the study's base config unless given) with the study's overrides, --quick's,
+    --dataset and --data_dir applied, then the --config.KEY=VALUE overrides again: they win."""
+    config = FLAGS.config.copy_and_resolve_references()
+    given = config_flags.get_override_values(FLAGS["config"])
+    settings = dict(study.overrides)
     if FLAGS.quick:
-        for key, value in {**QUICK_OVERRIDES, **study.quick_overrides}.items():
-            set_key(config, key, value)
+        settings |= QUICK_OVERRIDES | dict(study.quick_overrides)
     dataset = FLAGS.dataset or study.dataset
     if dataset:
-        set_key(config, "dataset.name", dataset)
+        settings["dataset.name"] = dataset
     if FLAGS.data_dir:
-        set_key(config, "dataset.data_dir", FLAGS.data_dir)
-    given = user_overrides()
-    for key, value in given.items():
-        set_key(config, key, value)
+        settings["dataset.data_dir"] = FLAGS.data_dir
+    config.update_from_flattened_dict(settings | given)
     config_utils.epochs_replace_steps(config, given)
     return config
 
 
-def arm_config(base: Any, arm: Arm) -> Any:
+def arm_config(base: ml_collections.ConfigDict, arm: Arm) -> ml_collections.ConfigDict:
+    """The base config with the arm's overrides."""
     config = base.copy_and_resolve_references()
-    for key, value in arm.overrides.items():
-        set_key(config, key, value)
+    config.update_from_flattened_dict(dict(arm.overrides))
     return config
 
 
 def check_no_clashes(arms: Sequence[Arm]) -> None:
     """A SweepError if --config sets a key that an arm sets too: the arm's value would win."""
-    given = user_overrides()
-    for key in given:
+    for key in config_flags.get_override_values(FLAGS["config"]):
         setting = [arm.name for arm in arms if key in arm.overrides]
         if setting:
             raise SweepError(
@@ -356,19 +298,14 @@ def _as_json(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict()))
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    found = []
-    for key in keys:
-        name = f"{prefix}{key}"
-        if name in WHERE_KEYS:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, name + ".")
-        elif a != b:
-            found.append(f"{name}: {a!r} then, {b!r} now")
-    return found
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two configs, key by key (WHERE_KEYS aside)."""
+    old, new = config_utils.flatten(old), config_utils.flatten(new)
+    return [
+        f"{key}: {old.get(key)!r} then, {new.get(key)!r} now"
+        for key in sorted(old.keys() | new.keys())
+        if key not in WHERE_KEYS and old.get(key) != new.get(key)
+    ]
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -416,8 +353,6 @@ def run(study: Study) -> list[ArmResult]:
     base = base_config(study)
     configs = {arm.name: arm_config(base, arm) for arm in selected}
     if not FLAGS.plot_only:
-        from resnet_jax import config_utils
-
         for arm in selected:  # every mistake is reported before anything trains
             try:
                 config_utils.resolve(configs[arm.name])

@@ -72,25 +72,25 @@ def exit_with_message(message: str) -> NoReturn:
     sys.exit(1)
 
 
+# What parsing the flags raises for a mistake on the command line: absl's errors, and a config
+# file's (one that does not load, a key it lacks, a value of the wrong type).
+FLAG_ERRORS = (flags.Error, AttributeError, ImportError, KeyError, OSError, TypeError, ValueError)
+
+
 def _parse_flags_explaining_errors(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS:
             flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
         return remaining
-    except (
-        flags.Error,
-        AttributeError,
-        ImportError,
-        KeyError,
-        OSError,
-        TypeError,
-        ValueError,
-    ) as error:
-        exit_with_message(_explain_flag_error(error, argv))
+    except FLAG_ERRORS as error:
+        exit_with_message(explain_flag_error(error, argv))
 
 
-def _explain_flag_error(error: Exception, argv: list[str]) -> str:
+def explain_flag_error(error: Exception, argv: list[str]) -> str:
+    """The one-paragraph message for a FLAG_ERRORS `error` raised parsing `argv`: the problem and
+    its fix (an unknown config key with the closest known ones, a config file that does not load,
+    ...)."""
     known = list(config_utils.flatten(config_utils.default_config()))
     overrides = [m.group(1) for a in argv if (m := re.match(r"^--?(?:no)?config\.([\w.]+)", a))]
     unknown = [key for key in overrides if key not in known]
