@@ -28,7 +28,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import sweep
+from experiments import study_figures, sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
 
@@ -95,12 +95,12 @@ def error_curves(results: list[sweep.ArmResult], out: Path) -> list[Path]:
         ends = []
         ends_by_ax.append((ax, ends))
         for result in sorted(family, key=depth_of):
-            split = sweep.eval_split(result)
+            split = result.eval_split
             for key, style, width in (
                 ("train_accuracy", "--", 1.0),
                 (f"{split}_accuracy", "-", 2.0),
             ):
-                x, y = sweep.series(result, key)
+                x, y = result.series(key)
                 if x:
                     error = [100 * (1 - v) for v in y]
                     marker = "o" if len(x) < 12 else None
@@ -108,12 +108,12 @@ def error_curves(results: list[sweep.ArmResult], out: Path) -> list[Path]:
                             markersize=3)  # fmt: skip
                     if style == "-":
                         ends.append((x[-1], error[-1], result.arm.label, result.color))
-        ax.set(title=sweep.quick_mark(title, results), xlabel="Epoch")
+        ax.set(title=study_figures.quick_mark(title, results), xlabel="Epoch")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax, ends in ends_by_ax:  # once both panels are drawn: the shared y limits are final
-        sweep.label_line_ends(ax, ends)
-    split = {sweep.eval_split(r) for r in results if r.epochs}
+        study_figures.label_line_ends(ax, ends)
+    split = {r.eval_split for r in results if r.epochs}
     held_out = "test" if split == {"test"} else "validation"
     axes[0].set_ylabel(f"Error (%): training dashed, {held_out} solid")
     styles = [
@@ -125,7 +125,7 @@ def error_curves(results: list[sweep.ArmResult], out: Path) -> list[Path]:
     fig.tight_layout()
     fig.subplots_adjust(right=0.9, wspace=0.25)
     path = out / "error_curves.png"
-    sweep.save_figure(fig, path)
+    study_figures.save_figure(fig, path)
     return [path, error_vs_depth(results, out)]
 
 
@@ -154,7 +154,7 @@ def error_vs_depth(results: list[sweep.ArmResult], out: Path) -> Path:
     ax.annotate("He et al.'s ResNets", paper[-1], xytext=(6, 0), textcoords="offset points",
                 va="center", fontsize=9, color="gray")  # fmt: skip
     ax.set(
-        title=sweep.quick_mark("Final test error against depth", results),
+        title=study_figures.quick_mark("Final test error against depth", results),
         xlabel="Depth (layers)",
         ylabel="Test error (%)",
         xscale="log",  # 20 to 1202 layers
@@ -166,7 +166,7 @@ def error_vs_depth(results: list[sweep.ArmResult], out: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "error_vs_depth.png"
-    sweep.save_figure(fig, path)
+    study_figures.save_figure(fig, path)
     return path
 
 

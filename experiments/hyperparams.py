@@ -19,7 +19,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import sweep
+from experiments import study_figures, sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
 
@@ -94,7 +94,7 @@ def grid_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
                 accuracy[i, j] = 100 * result.results["test_accuracy"]
             else:
                 missing[i, j] = "diverged" if result.diverged else "unfinished"
-            iterations[b] = iterations.get(b) or sweep.iterations_per_epoch(result)
+            iterations[b] = iterations.get(b) or result.iterations_per_epoch
     fig, ax = plt.subplots(figsize=(1.6 * len(rates) + 3, 1.0 * len(sizes) + 2))
     # Cells without an accuracy (diverged, unfinished, not run) are grey, with dark text.
     colormap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
@@ -112,11 +112,11 @@ def grid_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
     ax.set(
         xlabel="Learning rate per 128 images (the run uses lr x batch / 128)",
         ylabel="Batch size (iterations per epoch)",
-        title=sweep.quick_mark("Final test accuracy (%) over the grid", results),
+        title=study_figures.quick_mark("Final test accuracy (%) over the grid", results),
     )
     fig.tight_layout()
     path = out / "grid.png"
-    sweep.save_figure(fig, path)
+    study_figures.save_figure(fig, path)
     return [path]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import sweep
+from experiments import study_figures, sweep
 
 flags.adopt_module_key_flags(sweep)  # --help lists the study flags
 
@@ -49,16 +49,16 @@ def schedule_figure(results: list[sweep.ArmResult], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    sweep.plot_lines(ax, results, "learning_rate")
+    study_figures.plot_lines(ax, results, "learning_rate")
     ax.set(
-        title=sweep.quick_mark("Learning rate at the end of each epoch", results),
+        title=study_figures.quick_mark("Learning rate at the end of each epoch", results),
         xlabel="Epoch",
         ylabel="Learning rate (as used: per batch, after scaling)",
     )
     fig.tight_layout()
     fig.subplots_adjust(right=0.8)
     path = out / "schedules.png"
-    sweep.save_figure(fig, path)
+    study_figures.save_figure(fig, path)
     return [path]
 
 

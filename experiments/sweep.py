@@ -1,31 +1,21 @@
-"""What every study script shares: arms, running and resuming them, the table and the figures.
+"""A study: its arms, training and resuming them, and the command line every study script shares.
 
 A study is a base config and a list of arms, each arm a few config overrides. `main` trains every
 arm with `resnet_jax.train.train_and_evaluate` in its own workdir `<out>/<arm>/`: an arm that has
 its results.json is not trained again, and an interrupted one resumes from its checkpoints. Then it
-writes to `<out>/`:
-
-    results.csv, results.md   one row per arm: what the arm changes, its final metrics, status
-    curves.png                validation accuracy and training loss against epoch, every arm
-    test_accuracy.png         final test accuracy, one bar per arm
-    (and the figures the study adds)
-
-Every arm keeps one colour (and line style) in every figure, and lines are labelled where they
-end, so no figure needs a legend. results.md says what the numbers came from: the data set, the
-scale (`--quick` or full) and the hardware each arm was trained on.
+writes to `<out>/` the table (`study_report`: results.csv, results.md, which says what the numbers
+came from) and the figures (`study_figures`: curves.png, test_accuracy.png and the study's own).
 
 The flags every study takes (`--quick`, `--out`, `--dataset`, `--data_dir`, `--config`,
-`--arms`, `--plot_only`) are defined here; any config key can be overridden for every arm with
-the trainer's syntax, `--config.num_epochs=30`.
+`--arms`, `--plot_only`) are defined here; `--config` is the trainer's flag, so any config key can
+be overridden for every arm with the trainer's syntax, `--config.num_epochs=30`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -37,6 +27,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import study_figures, study_report
 from resnet_jax import cli, config_utils, reporting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,13 +51,6 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "eval_batch_size": 128,
     "schedule.warmup_epochs": 0.0,
 }
-# One colour per arm, in the study's arm order; an arm may name its own.
-PALETTE = (
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-    "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
-    "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173",
-)  # fmt: skip
-
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
     "quick",
@@ -119,6 +103,36 @@ class ArmResult:
         if self.diverged:
             return f"diverged (epoch {self.diverged_epoch})" if self.diverged_epoch else "diverged"
         return f"unfinished ({len(self.epochs)} epochs)" if self.epochs else "not started"
+
+    @property
+    def eval_split(self) -> str:
+        """The held-out split evaluated every epoch: "val", or "test" for runs without one."""
+        has_val = any("val_accuracy" in r for r in self.epochs)
+        has_test = any("test_accuracy" in r for r in self.epochs)
+        return "test" if has_test and not has_val else "val"
+
+    @property
+    def iterations_per_epoch(self) -> int | None:
+        """Optimizer steps in one (full) epoch, from the epoch records."""
+        if not self.epochs:
+            return None
+        first = self.epochs[0]
+        if "steps_per_epoch" in first:
+            return first["steps_per_epoch"]
+        # Written before epoch records carried it: right unless the first epoch was cut short.
+        return round(first["step"] / first["epoch"]) if "step" in first and first["epoch"] else None
+
+    def last(self, key: str) -> float | None:
+        """The key's value at the last epoch that has it."""
+        for record in reversed(self.epochs):
+            if record.get(key) is not None:
+                return record[key]
+        return None
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(epochs done, values) of a per-epoch key."""
+        points = [(reporting.epochs_done(r), r[key]) for r in self.epochs if r.get(key) is not None]
+        return [p[0] for p in points], [p[1] for p in points]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,13 +335,6 @@ def hardware() -> str:
     return f"{text}, host {platform.machine()} with {os.cpu_count()} CPU cores"
 
 
-def arm_color(study_arms: Sequence[Arm], arm: Arm) -> str:
-    if arm.color:
-        return arm.color
-    index = [a.name for a in study_arms].index(arm.name)
-    return PALETTE[index % len(PALETTE)]
-
-
 def select_arms(study: Study) -> tuple[list[Arm], list[Arm]]:
     """(every arm of the study, the ones --arms selects)."""
     every = study.arms()
@@ -374,8 +381,8 @@ def run(study: Study) -> list[ArmResult]:
             resuming = (workdir / reporting.METRICS_FILE).exists()
             print(f"[{i}/{len(selected)}] {arm.name}: {'resuming' if resuming else 'training'}.")
             train_arm(configs[arm.name], workdir, study, arm)
-    results = [collect(study, every, arm, out / arm.name) for arm in selected]
-    write_reports(study, results, out)
+    results = [collect(every, arm, out / arm.name) for arm in selected]
+    study_report.write_reports(study, results, out)
     return results
 
 
@@ -449,29 +456,12 @@ def epoch_records(workdir: Path) -> list[dict[str, Any]]:
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def eval_split(result: ArmResult) -> str:
-    """The held-out split evaluated every epoch: "val", or "test" for runs without a val split."""
-    has_val = any("val_accuracy" in r for r in result.epochs)
-    has_test = any("test_accuracy" in r for r in result.epochs)
-    return "test" if has_test and not has_val else "val"
-
-
-def iterations_per_epoch(result: ArmResult) -> int | None:
-    """Optimizer steps in one (full) epoch, from the epoch records."""
-    if not result.epochs:
-        return None
-    first = result.epochs[0]
-    if "steps_per_epoch" in first:
-        return first["steps_per_epoch"]
-    # Written before epoch records carried it: right unless the first epoch was cut short.
-    return round(first["step"] / first["epoch"]) if "step" in first and first["epoch"] else None
-
-
-def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmResult:
+def collect(every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmResult:
+    """What `arm`'s workdir holds (`every`: the study's arms, which fix its colour)."""
     record = _read_arm_file(workdir)
     return ArmResult(
         arm=arm,
-        color=arm_color(every, arm),
+        color=study_figures.arm_color(every, arm),
         workdir=workdir,
         config=record.get("config", {}),
         epochs=epoch_records(workdir),
@@ -483,316 +473,3 @@ def collect(study: Study, every: Sequence[Arm], arm: Arm, workdir: Path) -> ArmR
         diverged=bool(record.get("diverged")),
         diverged_epoch=record.get("diverged_epoch"),
     )
-
-
-def last(result: ArmResult, key: str) -> float | None:
-    """The key's value at the last epoch that has it."""
-    for record in reversed(result.epochs):
-        if record.get(key) is not None:
-            return record[key]
-    return None
-
-
-def series(result: ArmResult, key: str) -> tuple[list[float], list[float]]:
-    """(epochs done, values) of a per-epoch key."""
-    points = [(reporting.epochs_done(r), r[key]) for r in result.epochs if r.get(key) is not None]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-# --- the table -----------------------------------------------------------------------------------
-
-
-def table(study: Study, results: Sequence[ArmResult]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows): the keys the arms override, then the final metrics."""
-    varied = []
-    for result in results:
-        for key in result.arm.overrides:
-            if key not in varied:
-                varied.append(key)
-    rows = []
-    for result in results:
-        row: dict[str, Any] = {"arm": result.arm.name}
-        for key in varied:
-            row[key] = _lookup(result.config, key)
-        row["iterations_per_epoch"] = iterations_per_epoch(result)
-        if study.columns:
-            row.update(study.columns(result))
-        res = result.results or {}
-        val_accuracies = [r["val_accuracy"] for r in result.epochs if "val_accuracy" in r]
-        row.update(
-            {
-                "epochs": len(result.epochs),
-                "final_train_loss": last(result, "train_loss"),
-                "final_train_accuracy": last(result, "train_accuracy"),
-                "final_val_accuracy": last(result, "val_accuracy"),
-                "best_val_accuracy": max(val_accuracies) if val_accuracies else None,
-                "test_accuracy": res.get("test_accuracy"),
-                "test_error": None if "test_accuracy" not in res else 1.0 - res["test_accuracy"],
-                "precision": res.get("precision"),
-                "recall": res.get("recall"),
-                "f1": res.get("f1"),
-                "status": result.status,
-            }
-        )
-        rows.append(row)
-    columns = list(rows[0]) if rows else ["arm"]
-    if results and all(eval_split(result) == "test" for result in results):
-        # Every epoch is evaluated on the test split (degradation): no validation columns.
-        columns = [key for key in columns if key not in ("final_val_accuracy", "best_val_accuracy")]
-    return columns, rows
-
-
-def _lookup(config: Mapping[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if not math.isnan(value) else "nan"
-    if isinstance(value, list | tuple):
-        return " ".join(map(str, value))
-    return str(value)
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    from resnet_jax import files
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({key: _cell(row.get(key)) for key in columns})
-
-    files.write_atomically(path, write)
-
-
-def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        cells = []
-        for key in columns:
-            value = row.get(key)
-            if isinstance(value, float) and key in ("precision", "recall", "f1"):
-                cells.append(f"{value:.4f}")
-            elif isinstance(value, float) and ("accuracy" in key or key == "test_error"):
-                cells.append(f"{100 * value:.2f}%")
-            else:
-                cells.append(_cell(value).replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def provenance(study: Study, results: Sequence[ArmResult]) -> list[str]:
-    """Lines saying what the numbers came from: data, scale, hardware, dates, the command."""
-    datasets = sorted({_cell(_lookup(r.config, "dataset.name")) for r in results if r.config})
-    test_sizes = sorted(
-        {
-            r.results["num_test_examples"]
-            for r in results
-            if r.results and "num_test_examples" in r.results
-        }
-    )
-    data = ", ".join(datasets) or "unknown"
-    if test_sizes:
-        data += f" ({', '.join(map(str, test_sizes))} test examples)"
-        if datasets == ["cifar10"] and test_sizes != [10_000]:
-            data += ": NOT the real CIFAR-10 test set, which has 10000"
-    if any(r.quick for r in results):
-        scale = (
-            "QUICK RUN (--quick: tiny nets, few steps): a smoke test of the pipeline, not a result"
-        )
-    else:
-        scale = "full scale (the study's config; the table gives the epochs each arm ran)"
-    hardware_set = sorted({r.hardware for r in results if r.hardware})
-    dates = sorted({d for r in results for d in (r.started, r.finished) if d})
-    lines = [
-        f"- Data: {data}",
-        f"- Scale: {scale}",
-        f"- Hardware: {' | '.join(hardware_set) or 'unknown'}",
-    ]
-    if dates:
-        lines.append(f"- Trained: {dates[0]} to {dates[-1]}")
-    lines.append(f"- Full-scale command: `{study.full_command}`")
-    return lines
-
-
-def write_reports(study: Study, results: list[ArmResult], out: Path) -> list[Path]:
-    """results.csv, results.md and the figures; returns the figure paths."""
-    import matplotlib
-
-    from resnet_jax import files
-
-    matplotlib.use("Agg")
-    out.mkdir(parents=True, exist_ok=True)
-    columns, rows = table(study, results)
-    write_csv(out / "results.csv", columns, rows)
-    figures = [plot_curves(study, results, out / "curves.png")]
-    figures.append(plot_test_accuracy(study, results, out / "test_accuracy.png"))
-    if study.figures:
-        figures += study.figures(results, out)
-    figures = [f for f in figures if f is not None]
-    md = [f"# {study.title}", "", *provenance(study, results), ""]
-    if study.note:
-        quick = any(r.quick for r in results)
-        md += [f"At full scale: {study.note}" if quick else study.note, ""]
-    md += [markdown_table(columns, rows), ""]
-    md += [f"![{f.stem}]({f.name})" for f in figures]
-    files.write_text(out / "results.md", "\n".join(md) + "\n")
-    print(f"Wrote {out / 'results.csv'}, {out / 'results.md'} and {len(figures)} figures.")
-    return figures
-
-
-# --- figures -------------------------------------------------------------------------------------
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Writes and closes `fig`, grown to take in the line-end labels outside its axes."""
-    import matplotlib.pyplot as plt
-
-    from resnet_jax import files
-
-    try:
-        files.write_atomically(
-            path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", pad_inches=0.15)
-        )
-    finally:
-        plt.close(fig)
-
-
-def label_line_ends(ax: Any, ends: list[tuple[float, float, str, str]]) -> None:
-    """Writes each label (x, y, text, color) right of its line's end, spread so none overlap."""
-    if not ends:
-        return
-    low, high = ax.get_ylim()
-    gap = 0.055 * (high - low)
-    # A line that leaves the axes (a diverged arm's) is labelled at the edge it leaves by.
-    ends = [(x, min(max(y, low), high) if math.isfinite(y) else high, t, c) for x, y, t, c in ends]
-    placed = sorted(ends, key=lambda e: e[1])
-    ys = [e[1] for e in placed]
-    for i in range(1, len(ys)):
-        ys[i] = max(ys[i], ys[i - 1] + gap)
-    overflow = ys[-1] - high
-    if overflow > 0:  # pushed past the top: shift the stack down, not below the axis
-        ys = [max(y - overflow, low + i * gap) for i, y in enumerate(ys)]
-    x_right = ax.get_xlim()[1]
-    for (_, _, text, color), y in zip(placed, ys, strict=True):
-        ax.annotate(
-            text,
-            xy=(x_right, y),
-            xytext=(4, 0),
-            textcoords="offset points",
-            color=color,
-            fontsize=8,
-            va="center",
-            annotation_clip=False,
-        )
-
-
-def plot_lines(
-    ax: Any,
-    results: Sequence[ArmResult],
-    key: str | Callable[[ArmResult], str],
-    scale: float = 1.0,
-    label_ends: bool = True,
-) -> None:
-    """One line per arm of a per-epoch key (or a key chosen per arm) in the arm's style. A
-    diverged arm is labelled so, and does not set the y range when other arms are on the axes."""
-    ends = []
-    settled = []  # the values of the arms that did not diverge
-    for result in results:
-        x, y = series(result, key(result) if callable(key) else key)
-        if not x:
-            continue
-        y = [scale * v for v in y]
-        if not result.diverged:
-            settled += [v for v in y if math.isfinite(v)]
-        ax.plot(
-            x,
-            y,
-            color=result.color,
-            linestyle="--" if result.arm.dashed else "-",
-            marker="o" if len(x) < 12 else None,
-            markersize=3,
-            linewidth=1.6,
-        )
-        label = f"{result.arm.label} (diverged)" if result.diverged else result.arm.label
-        ends.append((x[-1], y[-1], label, result.color))
-    if settled and any(result.diverged for result in results):
-        low, high = min(settled), max(settled)
-        margin = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
-        ax.set_ylim(low - margin, high + margin)
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    if label_ends:
-        label_line_ends(ax, ends)
-
-
-def quick_mark(text: str, results: Sequence[ArmResult] = ()) -> str:
-    """Titles of figures made from --quick arms say so."""
-    quick = any(r.quick for r in results) if results else FLAGS.quick
-    return text + ("  [QUICK RUN: not a result]" if quick else "")
-
-
-def plot_curves(study: Study, results: Sequence[ArmResult], path: Path) -> Path:
-    """Validation accuracy and training loss against epoch, every arm on each panel."""
-    import matplotlib.pyplot as plt
-
-    splits = {eval_split(r) for r in results if r.epochs}
-    held_out = (
-        "Validation accuracy (%)"
-        if splits <= {"val"}
-        else "Test accuracy (%), evaluated every epoch"
-        if splits == {"test"}
-        else "Validation (or test) accuracy (%)"
-    )
-    # Constrained layout makes room for the line-end labels between the panels.
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
-    plot_lines(acc_ax, results, lambda r: f"{eval_split(r)}_accuracy", scale=100.0)
-    acc_ax.set(title=held_out.split(" (")[0], xlabel="Epoch", ylabel=held_out)
-    plot_lines(loss_ax, results, "train_loss")
-    loss_ax.set(title="Training loss", xlabel="Epoch", ylabel="Training loss (cross-entropy, nats)")
-    fig.suptitle(quick_mark(study.title, results))
-    save_figure(fig, path)
-    return path
-
-
-def plot_test_accuracy(study: Study, results: Sequence[ArmResult], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(results) + 2), 5.0))
-    xs = range(len(results))
-    for x, result in zip(xs, results, strict=True):
-        accuracy = (result.results or {}).get("test_accuracy")
-        if accuracy is None:
-            text = "diverged" if result.diverged else "not\nfinished"
-            ax.text(x, 1, text, ha="center", va="bottom", fontsize=8, color=result.color)
-            continue
-        ax.bar(
-            x,
-            100 * accuracy,
-            color=result.color,
-            hatch="//" if result.arm.dashed else None,
-            edgecolor="white" if result.arm.dashed else result.color,
-        )
-        ax.text(x, 100 * accuracy, f"{100 * accuracy:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [r.arm.label for r in results], rotation=30, ha="right")
-    for tick, result in zip(ax.get_xticklabels(), results, strict=True):
-        tick.set_color(result.color)
-    ax.set(
-        ylabel="Test accuracy (%)",
-        ylim=(0, 105),
-    )
-    title = quick_mark(f"Final test accuracy\n{study.title}", results)
-    ax.set_title(title.replace("  [", "\n["), fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
-    return path

@@ -30,6 +30,7 @@ from experiments import (
     optimizers,
     pretrained_vs_scratch,
     regularization,
+    study_figures,
     sweep,
     transfer_frozen,
 )
@@ -157,7 +158,7 @@ def check_outputs(out: Path, arms: list[str], figures=FIGURES) -> list[dict]:
 
 def arm_colors(module, arms):
     every = module.STUDY.arms()
-    return {a.name: sweep.arm_color(every, a) for a in every if a.name in arms}
+    return {a.name: study_figures.arm_color(every, a) for a in every if a.name in arms}
 
 
 def check_colors(out: Path, colors: dict[str, str], figures=FIGURES) -> None:
@@ -475,7 +476,7 @@ def test_a_diverged_arm_is_labelled_and_does_not_set_the_scale(tmp_path):
     fine = fabricated(tmp_path, "fine", [2.3, 1.9])
     bad = fabricated(tmp_path, "bad", [1.3e15, float("nan")], diverged=True)
     fig, ax = plt.subplots()
-    sweep.plot_lines(ax, [fine, bad], "train_loss")
+    study_figures.plot_lines(ax, [fine, bad], "train_loss")
     assert 1.9 < ax.get_ylim()[1] < 3
     assert sorted(text.get_text() for text in ax.texts) == ["bad (diverged)", "fine"]
     plt.close(fig)
@@ -485,8 +486,8 @@ def test_a_diverged_arm_is_labelled_and_does_not_set_the_scale(tmp_path):
 def test_a_cut_short_epoch_is_plotted_where_it_ends(tmp_path):
     # 3 steps of a 5-step epoch: at 0.6 epochs, and the epoch still has 5 iterations.
     short = fabricated(tmp_path, "short", [2.3], steps=3)
-    assert sweep.series(short, "train_loss") == ([0.6], [2.3])
-    assert sweep.iterations_per_epoch(short) == 5
+    assert short.series("train_loss") == ([0.6], [2.3])
+    assert short.iterations_per_epoch == 5
 
 
 def test_grid_cells_without_a_result_are_grey_with_dark_text(tmp_path):
