@@ -37,6 +37,8 @@ from typing import Any
 
 from absl import app, flags
 
+from resnet_jax.errors import UserError  # no JAX: a leaf
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ARM_FILE = "sweep_arm.json"  # in each arm's workdir: the config it was trained with, and where
@@ -209,13 +211,11 @@ def _run_or_exit(study: Study) -> None:
     except loop.Interrupted as stopped:
         print(f"{stopped} Rerun the same command to resume the sweep.", file=sys.stderr)
         sys.exit(128 + stopped.signum)
-    except ValueError as error:
-        if isinstance(error, SweepError) or cli.is_user_error(error):
-            cli.exit_with_message(str(error))
-        raise
+    except UserError as error:
+        cli.exit_with_message(str(error))
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A problem the user can fix (a bad flag, a workdir trained with another config)."""
 
 

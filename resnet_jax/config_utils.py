@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 
 from resnet_jax import augment, autoaugment, base_config, data, models, optim, parallel
+from resnet_jax.errors import ConfigError
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
@@ -83,10 +84,6 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         if option.limit
     },
 }
-
-
-class ConfigError(ValueError):
-    """A config (or workdir) problem the user can fix; the message says how."""
 
 
 def default_config() -> ml_collections.ConfigDict:

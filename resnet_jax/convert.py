@@ -26,6 +26,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from resnet_jax import checkpoint, cli, files, models
+from resnet_jax.errors import UserError
 
 ARCHS: tuple[str, ...] = tuple(models.IMAGENET_FAMILY)
 # torchvision's IMAGENET1K_V1 weights (the original recipe; V2 exists for resnet50/101/152).
@@ -60,7 +61,7 @@ Variables = dict[str, Any]
 ExpectedShapes = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A weights source that is missing, unreadable, or does not fit the requested architecture."""
 
 

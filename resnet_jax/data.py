@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageMode
 
 from resnet_jax import transforms
+from resnet_jax.errors import DataError
 
 FOLDER_PREFIX = "folder:"
 PIPELINES = ("auto", "memory", "stream")  # config dataset.pipeline; stream mode is stream.py
@@ -35,10 +36,6 @@ FOLDER_LAYOUT = (
 Batch = dict[str, np.ndarray]
 Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std), in [0, 1] units
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A problem with the data the user can fix; the message names the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

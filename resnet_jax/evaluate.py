@@ -28,7 +28,7 @@ from absl import flags, logging
 
 from resnet_jax import builders, checkpoint, cli, config_utils, files, loop, parallel, reporting
 from resnet_jax import train_state as ts
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError
 from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
 

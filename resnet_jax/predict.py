@@ -24,10 +24,10 @@ from absl import flags
 from PIL import Image
 
 from resnet_jax import cli, evaluate, export, transforms
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError, UserError
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file that is missing or that PIL cannot read."""
 
 

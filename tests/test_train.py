@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
+from resnet_jax.errors import UserError
 from tests.conftest import REPO_ROOT, load_recipe
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
@@ -408,6 +409,28 @@ def test_all_problems_are_reported_at_once(train_cli, tmp_path):
         "--config.label_smoothing=1.5",
     )  # fmt: skip
     assert_explained(code, stderr, "The config has 2 problems", "label_smoothing = 1.5")
+
+
+def test_any_user_error_is_one_paragraph_and_any_other_error_keeps_its_traceback(
+    train_cli, monkeypatch, tmp_path
+):
+    class PluginError(UserError):  # defined outside resnet_jax: recognised by its type
+        """A mistake a user of some plug-in can fix."""
+
+    def failing_with(error: Exception):
+        def main(argv: list[str]) -> int:
+            raise error
+
+        return main
+
+    args = ("--config=configs/r50.py", f"--workdir={tmp_path}")
+    monkeypatch.setattr(train, "main", failing_with(PluginError("Set the plug-in's option.")))
+    code, stderr = train_cli(*args)
+    assert_explained(code, stderr, "Error: Set the plug-in's option.")
+
+    monkeypatch.setattr(train, "main", failing_with(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        train_cli(*args)
 
 
 def test_a_missing_workdir_flag_is_explained(train_cli):
