@@ -25,7 +25,7 @@ import safetensors.numpy
 from absl import app, flags
 from flax import traverse_util
 
-from resnet_jax import checkpoint, cli, files, models
+from resnet_jax import checkpoint, files, models
 from resnet_jax.errors import UserError
 
 ARCHS: tuple[str, ...] = tuple(models.IMAGENET_FAMILY)
@@ -451,6 +451,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     _define_flags()
     cli.quiet_library_info()
     app.run(main)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from resnet_jax import cli, evaluate, files
+from resnet_jax import evaluate, files
 from resnet_jax.errors import ConfigError, UserError
 
 FORMAT = "resnet_jax.export"
@@ -239,5 +239,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     define_flags()
     cli.run_cli(main)

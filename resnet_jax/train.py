@@ -25,7 +25,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import builders, checkpoint, cli, config_utils, data, loop, models, parallel
+from resnet_jax import builders, checkpoint, config_utils, data, loop, models, parallel
 from resnet_jax import train_state as ts
 from resnet_jax.errors import ConfigError
 from resnet_jax.reporting import Reporter
@@ -240,5 +240,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     define_flags()
     cli.run_cli(main)
