@@ -46,6 +46,7 @@ from jax import lax  # noqa: E402
 
 from resnet_jax import cpu, data, models, optim, parallel, train_state  # noqa: E402
 from resnet_jax.cpu import kernels, onednn  # noqa: E402
+from resnet_jax.cpu.kernels import resolve_kernels  # noqa: E402
 
 try:  # on-device crop + flip; the input-pipeline check falls back to normalize-only without it
     from resnet_jax import augment
@@ -523,7 +524,7 @@ def machine() -> dict[str, str]:
         "backend": jax.default_backend(),
         "torch": torch.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "kernels": models.resolve_kernels("auto"),
+        "kernels": resolve_kernels("auto"),
         "convs": "oneDNN" if onednn.available() else "XLA",
     }
 
@@ -537,7 +538,7 @@ def bench_model(name: str, kernels: str, args: argparse.Namespace, peak: float) 
     evals = alternate({"jax": jax_eval, "torch": torch_eval}, args.windows, args.steps)
     row: dict[str, Any] = {
         "model": name,
-        "kernels": models.resolve_kernels(kernels),
+        "kernels": resolve_kernels(kernels),
         "batch_size": batch,
         "jax_train_img_s": batch / train["jax"],
         "torch_train_img_s": batch / train["torch"],

@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
+from resnet_jax.cpu.kernels import kernel_modules
 from resnet_jax.errors import UserError
 from tests.conftest import REPO_ROOT, load_recipe
 
@@ -132,7 +133,7 @@ def test_model_kernels_is_a_validated_choice():
     for kernels, expected in (("xla", "xla"), ("cpu", "cpu"), ("auto", "cpu")):  # one CPU device
         config = config_utils.resolve({"model": {"name": "resnet20", "kernels": kernels}})
         model = builders.build_model(config, num_classes=10)
-        assert model.conv == models.kernel_modules(expected)["conv"], kernels
+        assert model.conv == kernel_modules(expected)["conv"], kernels
 
 
 def test_any_config_takes_any_model():
