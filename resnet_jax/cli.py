@@ -68,6 +68,7 @@ def _parse_flags_explaining_errors(argv: list[str]) -> list[str]:
         ImportError,
         KeyError,
         OSError,
+        SyntaxError,  # config_flags runs the config file while it parses --config
         TypeError,
         ValueError,
     ) as error:
@@ -75,6 +76,12 @@ def _parse_flags_explaining_errors(argv: list[str]) -> list[str]:
 
 
 def _explain_flag_error(error: Exception, argv: list[str]) -> str:
+    if isinstance(error, SyntaxError):
+        code = f" (`{error.text.strip()}`)" if error.text and error.text.strip() else ""
+        return (
+            f"Cannot load the config file: a Python syntax error in {error.filename} at line "
+            f"{error.lineno}{code}: {error.msg}. Fix that line and run again."
+        )
     known = list(config_utils.flatten(config_utils.default_config()))
     overrides = [m.group(1) for a in argv if (m := re.match(r"^--?(?:no)?config\.([\w.]+)", a))]
     unknown = [key for key in overrides if key not in known]
