@@ -12,8 +12,7 @@ import sys
 import textwrap
 
 
-# A ValueError, as every user error was before this base existed: callers and tests that catch
-# ValueError keep catching them.
+# A ValueError, so code and tests that catch ValueError catch every user error too.
 class UserError(ValueError):
     """A problem the user can fix; the message names the problem and the fix."""
 
