@@ -10,6 +10,7 @@ from flax import traverse_util
 
 from experiments import degradation
 from resnet_jax import builders, config_utils, convert, layers, models, train_state, workdir
+from resnet_jax.errors import ConfigError
 from tests.conftest import load_recipe
 
 
@@ -43,7 +44,7 @@ def test_report_004s_crop_trains_and_evaluates_at_24x24():
     images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
     assert preprocess(images, jax.random.key(0)).shape == (2, 24, 24, 3)
     config.augment.crop_size = 40
-    with pytest.raises(config_utils.ConfigError, match="centre crop"):
+    with pytest.raises(ConfigError, match="centre crop"):
         builders.build_preprocess(config, (32, 32, 3), builders.named_normalization("cifar10"))
 
 

@@ -20,7 +20,7 @@ from absl import logging as absl_logging
 
 from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
 from resnet_jax.cpu.kernels import kernel_modules
-from resnet_jax.errors import UserError
+from resnet_jax.errors import ConfigError, UserError
 from tests.conftest import REPO_ROOT, load_recipe
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
@@ -79,12 +79,12 @@ def test_every_registered_option_is_in_the_base_config_and_validated(section):
         bad = _bad_values(option)
         assert bad, f"{key}: its limit refuses none of the test values"
         for value in bad:
-            with pytest.raises(config_utils.ConfigError, match="must be") as info:
+            with pytest.raises(ConfigError, match="must be") as info:
                 config_utils.resolve({section: {key: value}})
             assert option.limit[0] in str(info.value), (key, value)
     name_key = f"{section}.name"
     assert config_utils.CHOICES[name_key] == tuple(optim.SECTIONS[section][1])
-    with pytest.raises(config_utils.ConfigError, match=f"{name_key} = 'adagrad' is not one of"):
+    with pytest.raises(ConfigError, match=f"{name_key} = 'adagrad' is not one of"):
         config_utils.resolve({section: {"name": "adagrad"}})
 
 
@@ -128,7 +128,7 @@ def test_model_kernels_is_a_validated_choice():
     assert config_utils.default_config().model.kernels == "auto"
     for kernels in ("auto", "xla", "cpu"):
         assert config_utils.resolve({"model": {"kernels": kernels}}).model.kernels == kernels
-    with pytest.raises(config_utils.ConfigError, match=r"model\.kernels = 'gpu' is not one of"):
+    with pytest.raises(ConfigError, match=r"model\.kernels = 'gpu' is not one of"):
         config_utils.resolve({"model": {"kernels": "gpu"}})
     for kernels, expected in (("xla", "xla"), ("cpu", "cpu"), ("auto", "cpu")):  # one CPU device
         config = config_utils.resolve({"model": {"name": "resnet20", "kernels": kernels}})
@@ -206,7 +206,7 @@ def test_rgb_statistics_for_gray_images_are_refused(normalization):
     config = config_utils.resolve(
         {"augment": {"normalization": normalization}, "dataset": {"name": "fashion_mnist"}}
     )
-    with pytest.raises(config_utils.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         builders.normalization_name(config, channels=1)
     message = str(error.value)
     assert f"{normalization}'s three RGB statistics" in message and "fashion_mnist" in message
