@@ -43,7 +43,7 @@ from absl import app, flags
 from jax import lax
 
 from experiments import harness
-from resnet_jax import augment, cpu, data, models
+from resnet_jax import augment, cpu, data
 from resnet_jax.cpu import kernels, onednn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m experiments.benchmark` runs
@@ -261,7 +261,7 @@ def _torch_conv_passes(x: np.ndarray, w: np.ndarray, stride: int) -> dict[str, C
 def machine() -> dict[str, Any]:
     """`harness.machine()` and the kernel set and convs a CPU step runs here."""
     return harness.machine() | {
-        "kernels": models.resolve_kernels("auto"),
+        "kernels": kernels.resolve_kernels("auto"),
         "convs": "oneDNN" if onednn.available() else "XLA",
     }
 
@@ -276,7 +276,7 @@ def bench_model(name: str, kernels: str, args: SimpleNamespace, peak: float) -> 
     flops = jax_train.flops()
     row: dict[str, Any] = {
         "model": name,
-        "kernels": models.resolve_kernels(kernels),
+        "kernels": jax_train.kernels,
         "batch_size": batch,
         "jax_train_img_s": batch / train["jax"],
         "torch_train_img_s": batch / train["torch"],
@@ -402,8 +402,8 @@ def define_flags() -> None:
     )
     flags.register_validator(
         "kernels",
-        lambda sets: set(sets) <= set(models.KERNELS),
-        f"takes kernel sets of: {', '.join(models.KERNELS)}",
+        lambda sets: set(sets) <= set(kernels.KERNELS),
+        f"takes kernel sets of: {', '.join(kernels.KERNELS)}",
     )
     flags.DEFINE_enum(
         "max_isa", "", ["", *cpu.ISA_CAPS],

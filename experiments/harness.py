@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import models, optim, parallel, train_state
+from resnet_jax.cpu import kernels as cpu_kernels
 
 # name -> (resnet_jax model name, stem); the torch twin is built by `torch_model`.
 MODELS: dict[str, tuple[str, str]] = {
@@ -150,7 +151,7 @@ class JaxTrainer:
         warmup_steps: int = 1,
     ):
         self.par = parallel.Parallel("jit")
-        self.kernels = models.resolve_kernels(kernels)
+        self.kernels = cpu_kernels.resolve_kernels(kernels)
         self._state_options = dict(
             num_classes=num_classes, image_size=batch["image"].shape[1], dtype=dtype,
             preprocess=preprocess, mix=mix,

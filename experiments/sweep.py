@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from experiments import study_figures, study_report
 from resnet_jax import cli, config_utils, reporting
+from resnet_jax.errors import UserError  # no JAX: a leaf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,13 +228,11 @@ def _run_or_exit(study: Study) -> None:
     except loop.Interrupted as stopped:
         print(f"{stopped} Rerun the same command to resume the sweep.", file=sys.stderr)
         sys.exit(128 + stopped.signum)
-    except ValueError as error:
-        if isinstance(error, SweepError) or cli.is_user_error(error):
-            cli.exit_with_message(str(error))
-        raise
+    except UserError as error:
+        cli.exit_with_message(str(error))
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A problem the user can fix (a bad flag, a workdir trained with another config)."""
 
 

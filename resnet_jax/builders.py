@@ -20,9 +20,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from resnet_jax import augment, cli, config_utils, data, models, optim, parallel
+from resnet_jax import augment, config_utils, data, models, optim, parallel
 from resnet_jax import train_state as ts
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError, UserError
 
 REFERENCE_BATCH_SIZE = 128  # optimizer.learning_rate is the rate for this many images
 
@@ -329,9 +329,9 @@ def pretrained_variables(
         variables, report = convert.load_pretrained(
             fresh, config.model.pretrained, config.model.name
         )
+    except UserError:
+        raise  # convert's own errors explain themselves
     except Exception as error:  # torch/safetensors' own errors for a file that is not weights
-        if cli.is_user_error(error):
-            raise
         reason = " ".join(str(error).split())[:200]
         raise ConfigError(
             f"Cannot read model.pretrained = {config.model.pretrained!r} ({type(error).__name__}: "

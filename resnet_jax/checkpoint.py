@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resnet_jax.errors import UserError
+
 BEST_METRIC = "val_accuracy"
 UNFINISHED_SAVES = "*.orbax-checkpoint-tmp*"  # where orbax writes a save until it is complete
 
@@ -106,7 +108,7 @@ def _write_error_without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """No usable checkpoint could be restored; the message says what was found and what to do."""
 
     def __init__(self, message: str, reason: str = ""):

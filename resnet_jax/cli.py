@@ -1,8 +1,8 @@
 """The command lines' shared wrapper: a user's mistake ends in one paragraph, not a traceback.
 
 `run_cli` wraps `absl.app.run` so that a mistake a user can make (a bad flag, a config problem,
-missing data, ...) ends in one paragraph on stderr and exit code 1; anything else is a bug and
-keeps its traceback.
+missing data, ...: an `errors.UserError`) ends in one paragraph on stderr and exit code 1; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,22 +11,21 @@ import logging as pylogging
 import os
 import re
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from absl import app, flags, logging
 
-from resnet_jax import config_utils, cpu
+from resnet_jax import config_utils, cpu, errors
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> NoReturn:
     """`absl.app.run(main)` where a user's mistake ends in one paragraph on stderr and exit 1.
 
-    User mistakes are flag and config-file errors and the project's own ValueError subclasses
-    (ConfigError, data.DataError, parallel.ParallelError, convert.ConversionError, ...); anything
-    else is a bug and keeps its traceback.
+    User mistakes are flag and config-file errors and every `errors.UserError` (ConfigError,
+    DataError, parallel.ParallelError, convert.ConversionError, ...); anything else is a bug and
+    keeps its traceback.
     """
     cpu.setup_if_cpu()  # before JAX starts a backend: XLA reads its flags then
     quiet_library_info()
@@ -34,9 +33,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     def main_explaining_errors(args: list[str]) -> int | None:
         try:
             return main(args)
-        except ValueError as error:
-            if not is_user_error(error):
-                raise
+        except errors.UserError as error:
             exit_with_message(str(error))
 
     app.run(main_explaining_errors, argv=argv, flags_parser=_parse_flags_explaining_errors)
@@ -53,28 +50,18 @@ def _only_our_info(record: pylogging.LogRecord) -> bool:
     return record.levelno >= pylogging.WARNING or f"{os.sep}resnet_jax{os.sep}" in record.pathname
 
 
-def is_user_error(error: BaseException) -> bool:
-    """Whether `error` is one of this project's ValueError subclasses, which explain themselves."""
-    kind = type(error)
-    # "__main__": the errors of the module run with `python -m`.
-    ours = kind.__module__.startswith("resnet_jax.") or kind.__module__ == "__main__"
-    return isinstance(error, ValueError) and kind is not ValueError and ours
-
-
 def exit_with_message(message: str) -> NoReturn:
     """Print `message` as one paragraph on stderr and exit with status 1."""
-    text = " ".join(message.split())
-    # Paths and flags stay whole, so they can be copied from the message.
-    paragraph = textwrap.fill(
-        f"Error: {text}", width=100, break_long_words=False, break_on_hyphens=False
-    )
-    print(f"\n{paragraph}\n", file=sys.stderr, flush=True)
+    errors.print_error(message)
     sys.exit(1)
 
 
 # What parsing the flags raises for a mistake on the command line: absl's errors, and a config
-# file's (one that does not load, a key it lacks, a value of the wrong type).
-FLAG_ERRORS = (flags.Error, AttributeError, ImportError, KeyError, OSError, TypeError, ValueError)
+# file's (one that does not load or has a syntax error: config_flags runs the file while it parses
+# --config; a key it lacks, a value of the wrong type).
+FLAG_ERRORS = (
+    flags.Error, AttributeError, ImportError, KeyError, OSError, SyntaxError, TypeError, ValueError,
+)  # fmt: skip
 
 
 def _parse_flags_explaining_errors(argv: list[str]) -> list[str]:
@@ -91,6 +78,12 @@ def explain_flag_error(error: Exception, argv: list[str]) -> str:
     """The one-paragraph message for a FLAG_ERRORS `error` raised parsing `argv`: the problem and
     its fix (an unknown config key with the closest known ones, a config file that does not load,
     ...)."""
+    if isinstance(error, SyntaxError):
+        code = f" (`{error.text.strip()}`)" if error.text and error.text.strip() else ""
+        return (
+            f"Cannot load the config file: a Python syntax error in {error.filename} at line "
+            f"{error.lineno}{code}: {error.msg}. Fix that line and run again."
+        )
     known = list(config_utils.flatten(config_utils.default_config()))
     overrides = [m.group(1) for a in argv if (m := re.match(r"^--?(?:no)?config\.([\w.]+)", a))]
     unknown = [key for key in overrides if key not in known]

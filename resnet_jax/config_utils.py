@@ -17,6 +17,8 @@ import ml_collections
 from absl import logging
 
 from resnet_jax import augment, autoaugment, base_config, data, models, optim, parallel
+from resnet_jax.cpu.kernels import KERNELS
+from resnet_jax.errors import ConfigError
 
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
@@ -30,7 +32,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": models.MODEL_NAMES,
     "model.stem": models.STEMS,
     "model.shortcut": ("", *models.SHORTCUTS),
-    "model.kernels": models.KERNELS,
+    "model.kernels": KERNELS,
     "dataset.pipeline": data.PIPELINES,
     "augment.normalization": NORMALIZATIONS,
     "augment.rotation_interpolation": tuple(augment.INTERPOLATION_ORDER),
@@ -83,10 +85,6 @@ LIMITS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         if option.limit
     },
 }
-
-
-class ConfigError(ValueError):
-    """A config (or workdir) problem the user can fix; the message says how."""
 
 
 def default_config() -> ml_collections.ConfigDict:

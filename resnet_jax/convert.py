@@ -25,7 +25,8 @@ import safetensors.numpy
 from absl import app, flags
 from flax import traverse_util
 
-from resnet_jax import checkpoint, cli, files, models
+from resnet_jax import checkpoint, files, models
+from resnet_jax.errors import UserError
 
 ARCHS: tuple[str, ...] = tuple(models.IMAGENET_FAMILY)
 # torchvision's IMAGENET1K_V1 weights (the original recipe; V2 exists for resnet50/101/152).
@@ -60,7 +61,7 @@ Variables = dict[str, Any]
 ExpectedShapes = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A weights source that is missing, unreadable, or does not fit the requested architecture."""
 
 
@@ -450,6 +451,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     _define_flags()
     cli.quiet_library_info()
     app.run(main)

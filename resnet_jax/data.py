@@ -22,9 +22,10 @@ import jax
 import numpy as np
 from PIL import Image, ImageMode
 
-from resnet_jax import transforms
+from resnet_jax import tfds_data, transforms
+from resnet_jax.data_types import FOLDER_PREFIX, Split, check_class_count
+from resnet_jax.errors import DataError
 
-FOLDER_PREFIX = "folder:"
 PIPELINES = ("auto", "memory", "stream")  # config dataset.pipeline; stream mode is stream.py
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FOLDER_LAYOUT = (
@@ -35,36 +36,6 @@ FOLDER_LAYOUT = (
 Batch = dict[str, np.ndarray]
 Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std), in [0, 1] units
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A problem with the data the user can fix; the message names the problem and the fix."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Split:
-    """One split in host memory: uint8 images (N, H, W, C) and int32 labels (N,)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(
-                f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}"
-            )
-        if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(
-                f"labels must be int32 ({len(self.images)},), got {self.labels.dtype} "
-                f"{self.labels.shape}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, indices: np.ndarray) -> Split:
-        """The examples at `indices` (integer or boolean), in that order."""
-        return Split(self.images[indices], self.labels[indices])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -204,8 +175,6 @@ def load(
     else:
         # A "~/..." from a flag is not expanded by the shell after "=", nor by tfds.
         data_dir = str(Path(data_dir).expanduser()) if data_dir else data_dir
-        from resnet_jax import tfds_data  # here, not at the top: it builds on this module's Split
-
         splits, class_names = tfds_data.load_tfds(name, data_dir, image_size, verify_checksums)
 
     train, val = splits["train"], splits.get("val")
@@ -424,16 +393,6 @@ def list_folder(root: Path) -> tuple[dict[str, FolderSplit], list[str]]:
             "the class from train/."
         )
     return splits, class_names
-
-
-def check_class_count(num_classes: int, dataset: str, fix: str) -> None:
-    """A DataError naming `dataset` and the `fix` unless it has at least two classes."""
-    if num_classes < 2:
-        raise DataError(
-            f"{dataset} has {num_classes} class{'' if num_classes == 1 else 'es'}, and a "
-            "classifier needs at least two: with one, every prediction is right, so a run would "
-            f"report 100% accuracy having learned nothing. {fix}"
-        )
 
 
 def folder_channels(listing: dict[str, FolderSplit]) -> int:

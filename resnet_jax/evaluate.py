@@ -26,9 +26,9 @@ import ml_collections
 import optax
 from absl import flags, logging
 
-from resnet_jax import builders, checkpoint, cli, config_utils, files, loop, parallel, reporting
+from resnet_jax import builders, checkpoint, config_utils, files, loop, parallel, reporting
 from resnet_jax import train_state as ts
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError
 from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
 
@@ -287,5 +287,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     define_flags()
     cli.run_cli(main)

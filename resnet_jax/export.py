@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from resnet_jax import cli, evaluate, files
-from resnet_jax.config_utils import ConfigError
+from resnet_jax import evaluate, files
+from resnet_jax.errors import ConfigError, UserError
 
 FORMAT = "resnet_jax.export"
 FORMAT_VERSION = 1
@@ -41,7 +41,7 @@ LAYOUTS = {1: "gray", 2: "gray + alpha", 3: "RGB", 4: "RGBA"}
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's lowering platforms
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export directory that is missing, damaged or foreign; the message says what to do."""
 
 
@@ -239,5 +239,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     define_flags()
     cli.run_cli(main)

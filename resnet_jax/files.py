@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from resnet_jax.errors import UserError
+
 # A file that was never written, kept aside until it is: a crash leaves only this name behind.
 _TMP_PREFIX = ".tmp-"
 
 
-class WriteError(ValueError):
+class WriteError(UserError):
     """A file could not be written (a full disk, a read-only or missing directory)."""
 
 

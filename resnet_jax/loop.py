@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from resnet_jax import checkpoint, data, metrics, optim, parallel, profiling
 from resnet_jax import train_state as ts
 from resnet_jax.builders import REFERENCE_BATCH_SIZE, Plan, peak_learning_rate
+from resnet_jax.errors import UserError
 from resnet_jax.reporting import Progress, Reporter
 from resnet_jax.workdir import chosen_checkpoint, chosen_weights
 
@@ -40,7 +41,7 @@ class Interrupted(Exception):
         self.step = step
 
 
-class DivergedError(ValueError):
+class DivergedError(UserError):
     """The training loss or the parameters became NaN or infinite (in `epoch`, 1-based)."""
 
     def __init__(self, message: str, epoch: int | None = None):

@@ -5,22 +5,24 @@ torchvision's state_dict (`conv1`, `bn1`, `layer2_0`, `downsample_conv`, `fc`) s
 map one to one, and every padding is explicit and symmetric as in torch (XLA's 'SAME' pads the high
 side on stride 2, which would shift every feature map against torchvision's).
 
-The conv, norm and pool are fields: plain Flax by default (`nn.Conv`, `BatchNorm`, which is
-flax's with torch's running variance, and `nn.max_pool`); `get_model(kernels=...)` can plug in
-the CPU kernel set of `resnet_jax.cpu` instead, which has the same variables and numbers.
+The conv, norm and pool are fields: plain Flax by default (`nn.Conv`, `layers.BatchNorm`, which
+is flax's with torch's running variance, and `nn.max_pool`). `get_model(kernels=...)` fills them
+with the kernel set `resnet_jax.cpu.kernels.kernel_modules` chooses: plain Flax, or the CPU kernel
+set, which has the same variables and numbers.
 """
 
 from __future__ import annotations
 
 import functools
-import platform
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from resnet_jax.cpu.kernels import kernel_modules
+from resnet_jax.layers import BatchNorm
 
 ModuleDef = Any
 Dtype = Any
@@ -41,65 +43,6 @@ def dense_bias_init(fan_in: int) -> Callable[..., jax.Array]:
 
 STEMS = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B")
-# "xla": plain Flax; "cpu": resnet_jax.cpu's kernel set; "auto": the CPU set on one CPU device.
-KERNELS = ("auto", "xla", "cpu")
-
-
-class BatchNorm(nn.Module):
-    """Batch norm over the last axis with flax's variables and numbers and torch's statistics.
-
-    As torch's BatchNorm2d (whose running averages torchvision's checkpoints hold), the running
-    variance averages the unbiased batch variance, n / (n - 1) times the biased one that
-    normalizes the batch. `normalize_batch` is the training-mode computation a kernel set may
-    replace.
-    """
-
-    use_running_average: bool | None = None
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    axis_name: str | None = None
-    scale_init: Callable[..., jax.Array] = nn.initializers.ones
-    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        features = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        scale = self.param("scale", self.scale_init, features, self.param_dtype)
-        bias = self.param("bias", self.bias_init, features, self.param_dtype)
-        x = x.astype(self.dtype)
-        if use_running_average:
-            inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
-            return ((x - ra_mean.value) * (inv * scale) + bias).astype(self.dtype)
-        initializing = self.is_initializing()  # no device axis yet, and no statistics to keep
-        axis_name = None if initializing else self.axis_name
-        y, mean, var = self.normalize_batch(x, scale, bias, axis_name)
-        if not initializing:
-            count = x.size // x.shape[-1] * (jax.lax.psum(1, axis_name) if axis_name else 1)
-            unbiased = var * (count / max(count - 1, 1))
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-        return y
-
-    def normalize_batch(
-        self, x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(y, batch mean, biased batch variance): float32 statistics E[x], E[x^2] - E[x]^2 over
-        every axis but the last and every device of `axis_name`, as flax's BatchNorm."""
-        wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        axes = tuple(range(x.ndim - 1))
-        mean, mean_of_squares = wide.mean(axes), jnp.square(wide).mean(axes)
-        if axis_name is not None:
-            mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares), axis_name)
-        var = jnp.maximum(0.0, mean_of_squares - mean * mean)
-        y = (wide - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return y.astype(self.dtype), mean, var
 
 
 def shortcut(x: jax.Array, filters: int, strides: int, kind: str, conv: ModuleDef, norm: ModuleDef):
@@ -316,30 +259,6 @@ def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         valid = ", ".join(map(str, choices))
         raise ValueError(f"Unknown {what} {value!r}; valid choices are: {valid}.")
-
-
-def resolve_kernels(kernels: str) -> str:
-    """The kernel set, "xla" or "cpu", that `kernels` ("auto", "xla" or "cpu") means here.
-
-    "auto" is the CPU set only where it was measured faster than plain Flax: a single CPU device
-    of an x86-64 Linux machine (elsewhere, e.g. aarch64 or macOS, plain Flax). It asks JAX for its
-    backend, so call it when JAX may start one.
-    """
-    _check_choice("kernel set", kernels, KERNELS)
-    if kernels != "auto":
-        return kernels
-    on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    measured_here = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
-    return "cpu" if on_one_cpu and measured_here else "xla"
-
-
-def kernel_modules(kernels: str) -> dict[str, Any]:
-    """The `conv`, `norm` and `pool` fields of a ResNet on the kernel set `kernels`."""
-    if resolve_kernels(kernels) == "cpu":
-        from resnet_jax.cpu import kernels as cpu  # the plug-in loads only where it is used
-
-        return dict(conv=cpu.Conv, norm=cpu.BatchNorm, pool=cpu.max_pool)
-    return dict(conv=nn.Conv, norm=BatchNorm, pool=nn.max_pool)
 
 
 def get_model(

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax import errors
 from resnet_jax import train_state as ts
 
 MODES = ("jit", "pmap")
@@ -46,7 +47,7 @@ _AGREEMENT_KEY = "resnet_jax/start_up/process_"
 _join_timeout_s = DEFAULT_JOIN_TIMEOUT_S  # set by initialize_distributed
 
 
-class ParallelError(ValueError):
+class ParallelError(errors.UserError):
     """A user-fixable problem with how the run is spread over devices."""
 
 
@@ -359,10 +360,8 @@ def _reachable(address: str) -> bool:
 def _exit_not_joined(*args: Any) -> None:
     # Runs in the timer's thread while the main thread is blocked in JAX's C++: only os._exit
     # ends the process.
-    from resnet_jax import cli  # imports this module
-
     try:
-        cli.exit_with_message(not_joined_message(*args))
+        errors.print_error(not_joined_message(*args))
     finally:
         os._exit(1)
 

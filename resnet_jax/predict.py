@@ -23,11 +23,11 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from resnet_jax import cli, evaluate, export, transforms
-from resnet_jax.config_utils import ConfigError
+from resnet_jax import evaluate, export, transforms
+from resnet_jax.errors import ConfigError, UserError
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file that is missing or that PIL cannot read."""
 
 
@@ -137,5 +137,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     define_flags()
     cli.run_cli(main)

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax import data, tfds_data, transforms
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError, DataError
 
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
 MAX_CONSECUTIVE_BAD_FILES = 16
@@ -50,7 +50,7 @@ READ_AHEAD_BATCHES = 2
 log = logging.getLogger(__name__)
 
 
-class InputWorkerDied(data.DataError):
+class InputWorkerDied(DataError):
     """A grain worker process ended without finishing its work (killed, out of memory, ...)."""
 
 
@@ -115,7 +115,7 @@ class TrainExample:
             rng = np.random.default_rng([self.seed, self.epoch, int(i)])
             crop = transforms.random_resized_crop(image, rng, self.size)
             return {"image": crop, "label": np.int32(label), "skipped": skipped}
-        raise data.DataError(
+        raise DataError(
             f"{MAX_CONSECUTIVE_BAD_FILES} files in a row cannot be decoded, from "
             f"{skipped[0][0]} to {skipped[-1][0]} ({skipped[0][1]}): the dataset is damaged "
             "or not images. Check that the files are complete PNG or JPEG images (copy or "
@@ -325,7 +325,7 @@ def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], li
                 split=theirs, decoders={"image": tfds.decode.SkipDecoding()}
             )
         except (ValueError, NotImplementedError, FileNotFoundError) as error:
-            raise data.DataError(
+            raise DataError(
                 f"Cannot stream {options.name} from {builder.data_dir} "
                 f"({' '.join(str(error).split())[:200]}). Stream mode reads ArrayRecord files: "
                 "if the dataset was prepared as TFRecord (by memory mode), prepare it again in "

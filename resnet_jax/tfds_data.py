@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from resnet_jax import files
-from resnet_jax.data import FOLDER_PREFIX, DataError, Split, check_class_count
+from resnet_jax.data_types import FOLDER_PREFIX, Split, check_class_count
+from resnet_jax.errors import DataError
 
 # Enough for a connection and an answer from the dataset's host; tfds itself waits without limit.
 _NETWORK_PROBE_TIMEOUT_S = 10

@@ -25,9 +25,9 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import builders, checkpoint, cli, config_utils, data, loop, models, parallel
+from resnet_jax import builders, checkpoint, config_utils, data, loop, models, parallel
 from resnet_jax import train_state as ts
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError
 from resnet_jax.reporting import Reporter
 from resnet_jax.workdir import (
     check_same_pipeline,
@@ -43,9 +43,9 @@ from resnet_jax.workdir import (
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Train per `config` in `workdir`, resuming what is there, and return the test results.
 
-    Raises ConfigError, data.DataError, parallel.ParallelError, ... for what the user can fix,
-    DivergedError if the loss or parameters become NaN/inf, and loop.Interrupted on SIGTERM/SIGINT
-    (after saving a checkpoint).
+    Raises an errors.UserError (ConfigError, DataError, parallel.ParallelError, ...) for what the
+    user can fix, DivergedError if the loss or parameters become NaN/inf, and loop.Interrupted on
+    SIGTERM/SIGINT (after saving a checkpoint).
     """
     parallel.check_processes_agree(config, workdir)
     config = config_utils.resolve(config)
@@ -240,5 +240,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli  # only as a program: the library never loads the command line
+
     define_flags()
     cli.run_cli(main)

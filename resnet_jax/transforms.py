@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from resnet_jax.errors import UserError
+
 # The PIL mode that images of each channel count are read in (PNG's four: gray, gray + alpha, RGB,
 # RGBA). An image folder is gray or RGB (data.folder_channels); a tfds dataset says its count.
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -26,7 +28,7 @@ MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-class BadImage(ValueError):
+class BadImage(UserError):
     """A file that is not a readable image; the streaming pipeline skips it with a warning."""
 
 

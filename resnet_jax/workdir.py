@@ -20,7 +20,7 @@ from absl import logging
 from resnet_jax import checkpoint, config_utils, parallel
 from resnet_jax import train_state as ts
 from resnet_jax.builders import make_plan
-from resnet_jax.config_utils import ConfigError
+from resnet_jax.errors import ConfigError
 from resnet_jax.reporting import RESULTS_FILE, read_results
 
 # Config keys that make a run what it is: a workdir's checkpoints only resume a run that agrees.

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from resnet_jax import augment, builders, config_utils
+from resnet_jax.errors import ConfigError
 
 SIZE = 32
 
@@ -362,7 +363,7 @@ def test_mix_and_policy_keys_are_validated_and_built():
         "mix_switch_prob": -0.1,
         "randaugment_magnitude": 31,
     }
-    with pytest.raises(config_utils.ConfigError, match="The config has 6 problems") as info:
+    with pytest.raises(ConfigError, match="The config has 6 problems") as info:
         config_utils.resolve({"augment": bad})
     message = str(info.value)
     for fragment in (

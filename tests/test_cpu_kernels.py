@@ -30,8 +30,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax import lax
 
-from resnet_jax import models
+from resnet_jax import layers, models
 from resnet_jax.cpu import kernels, onednn
+from resnet_jax.cpu.kernels import kernel_modules
 from tests.conftest import REPO_ROOT
 
 needs_shim = pytest.mark.skipif("not onednn.available()", reason="the oneDNN shim is not here")
@@ -76,7 +77,7 @@ def bottleneck_net(kernels: str, dtype) -> models.ResNet:
     # bfloat16 gradients of a width-4 resnet50 differ from its float32 ones by 100%).
     return models.ResNet(
         stage_sizes=(1, 1, 1, 1), block_cls=models.Bottleneck, num_classes=10, stem="imagenet",
-        stem_width=4, stage_widths=(4, 8, 16, 32), dtype=dtype, **models.kernel_modules(kernels),
+        stem_width=4, stage_widths=(4, 8, 16, 32), dtype=dtype, **kernel_modules(kernels),
     )  # fmt: skip
 
 
@@ -396,7 +397,7 @@ def test_batchnorm_computes_what_the_plain_batchnorm_does(conv_backend, axis_nam
     shape = (8, 6, 6, 16) if axis_name is None else (2, 4, 6, 6, 16)  # 2 devices of 4 examples
     x = 3.0 * jax.random.normal(jax.random.key(0, impl="rbg"), shape) + 1.0
     weights = jax.random.normal(jax.random.key(1, impl="rbg"), shape[-4:])
-    plain_bn = models.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
+    plain_bn = layers.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
     ours = kernels.BatchNorm(use_running_average=False, momentum=0.9, axis_name=axis_name)
     variables = plain_bn.init(jax.random.key(2), x.reshape(-1, *shape[-3:]))
     variables = jax.tree.map(  # not the identity: scales, shifts and statistics of their own
@@ -411,7 +412,7 @@ def test_batchnorm_computes_what_the_plain_batchnorm_does(conv_backend, axis_nam
     eval_x = x.reshape(-1, *shape[-3:])
     chex.assert_trees_all_close(
         kernels.BatchNorm(use_running_average=True).apply(variables, eval_x),
-        models.BatchNorm(use_running_average=True).apply(variables, eval_x),
+        layers.BatchNorm(use_running_average=True).apply(variables, eval_x),
         rtol=1e-6,
         atol=1e-6,
     )
@@ -444,7 +445,7 @@ def test_bfloat16_batchnorm_rounds_what_the_plain_batchnorm_computes():
         jnp.bfloat16
     )
     weights = jax.random.normal(jax.random.key(1, impl="rbg"), x.shape)
-    plain_bn = models.BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
+    plain_bn = layers.BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
     ours = kernels.BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
     variables = plain_bn.init(jax.random.key(2), x)
     value, stats, (dparams, dx) = _batch_norm_results(ours, variables, x, weights)
@@ -478,7 +479,7 @@ def test_batchnorm_saves_only_its_input_and_statistics_for_the_backward_pass():
         _, backward = jax.vjp(normalize, variables["params"], x)
         return sum(leaf.shape == x.shape for leaf in jax.tree.leaves(backward))
 
-    assert (full_size_residuals(kernels.BatchNorm), full_size_residuals(models.BatchNorm)) == (1, 2)
+    assert (full_size_residuals(kernels.BatchNorm), full_size_residuals(layers.BatchNorm)) == (1, 2)
 
 
 # -- the oneDNN shim ----------------------------------------------------------------------------

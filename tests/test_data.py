@@ -10,6 +10,7 @@ import requests
 from PIL import Image
 
 from resnet_jax import data
+from resnet_jax.errors import DataError
 from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT_S, subprocess_env
 from tests.fake_cifar import ARCHIVE_NAME, CIFAR10_CLASS_NAMES, prepare_fake_cifar10
 
@@ -112,7 +113,7 @@ def test_runs_started_together_prepare_the_dataset_once(tmp_path):
 
 @pytest.mark.tfds
 def test_missing_archive_offline_says_where_to_put_it(tmp_path, no_network):
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(DataError) as error:
         data.load("cifar10", str(tmp_path))
     message = str(error.value)
     assert str(tmp_path / "downloads" / "manual" / ARCHIVE_NAME) in message
@@ -125,7 +126,7 @@ def test_missing_archive_offline_says_where_to_put_it(tmp_path, no_network):
 def test_a_data_dir_under_home_is_expanded(tmp_path, no_network, monkeypatch):
     # "--data_dir=~/data": no shell expands a "~" after "=".
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(DataError) as error:
         data.load("cifar10", "~/data")
     assert str(tmp_path / "data" / "downloads" / "manual" / ARCHIVE_NAME) in str(error.value)
 
@@ -133,7 +134,7 @@ def test_a_data_dir_under_home_is_expanded(tmp_path, no_network, monkeypatch):
 @pytest.mark.tfds
 def test_checksum_of_a_repacked_archive_is_verified(tmp_path, no_network):
     prepare_fake_cifar10(tmp_path)
-    with pytest.raises(data.DataError, match=r"sha256.*verify_checksums=False") as error:
+    with pytest.raises(DataError, match=r"sha256.*verify_checksums=False") as error:
         data.load("cifar10", str(tmp_path))
     assert "\n" not in str(error.value)
 
@@ -156,14 +157,14 @@ def test_a_tfds_dataset_of_one_class_is_refused_before_it_is_prepared(tmp_path):
         def _generate_examples(self):
             raise AssertionError("the dataset is refused before it is prepared")
 
-    with pytest.raises(data.DataError, match="one_class_images has 1 class, and a classifier"):
+    with pytest.raises(DataError, match="one_class_images has 1 class, and a classifier"):
         data.load("one_class_images", str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.tfds
 def test_unknown_dataset_name(tmp_path):
-    with pytest.raises(data.DataError, match=r"'cifar10'.*folder:"):
+    with pytest.raises(DataError, match=r"'cifar10'.*folder:"):
         data.load("cifar_ten", str(tmp_path))
 
 
@@ -239,7 +240,7 @@ def test_a_folder_of_one_class_is_refused(image_folder):
         for path in (image_folder / split / "dog").iterdir():
             path.unlink()
         (image_folder / split / "dog").rmdir()
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(DataError) as error:
         data.load(f"folder:{image_folder}")
     message = str(error.value)
     assert f"{image_folder} (cat) has 1 class" in message and "at least two" in message
@@ -256,21 +257,21 @@ def test_image_folder_resizes_and_uses_its_val_split(image_folder):
 
 def test_image_folder_of_mixed_sizes_needs_image_size(image_folder):
     _write_images(image_folder / "train" / "cat", 1, size=(9, 9), seed=2)
-    with pytest.raises(data.DataError, match="image_size"):
+    with pytest.raises(DataError, match="image_size"):
         data.load(f"folder:{image_folder}")
 
 
 def test_corrupt_image_is_named(image_folder):
     corrupt = image_folder / "train" / "dog" / "broken.jpg"
     corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(DataError) as error:
         data.load(f"folder:{image_folder}")
     assert str(corrupt) in str(error.value)
 
 
 def test_test_classes_must_be_train_classes(image_folder):
     _write_images(image_folder / "test" / "bird", 1)
-    with pytest.raises(data.DataError, match="bird"):
+    with pytest.raises(DataError, match="bird"):
         data.load(f"folder:{image_folder}")
 
 
@@ -282,7 +283,7 @@ def test_folder_without_images_explains_the_layout(tmp_path, layout):
     if layout == "no images":
         (tmp_path / "train" / "cat").mkdir(parents=True)
         (tmp_path / "test" / "cat").mkdir(parents=True)
-    with pytest.raises(data.DataError, match="train/<class>"):
+    with pytest.raises(DataError, match="train/<class>"):
         data.load(f"folder:{tmp_path}")
 
 
@@ -323,7 +324,7 @@ def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
 
 
 def test_validation_fraction_out_of_range(tmp_path):
-    with pytest.raises(data.DataError, match="val_fraction"):
+    with pytest.raises(DataError, match="val_fraction"):
         data.load(f"folder:{tmp_path}", val_fraction=1.0)
 
 
@@ -355,7 +356,7 @@ def test_memory_batches_measure_the_train_split_after_the_validation_carve(tmp_p
 def test_a_constant_channel_has_no_spread_to_normalize_by():
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[..., 1] = np.arange(16).reshape(4, 4)
-    with pytest.raises(data.DataError, match=r"channel\(s\) \[0, 2\]"):
+    with pytest.raises(DataError, match=r"channel\(s\) \[0, 2\]"):
         data.channel_stats([images])
 
 
@@ -441,12 +442,12 @@ def test_eval_batches_in_order_with_padding_last():
 
 def test_batch_size_must_divide_among_processes():
     split = _split(np.zeros(16))
-    with pytest.raises(data.DataError, match="multiple of 3"):
+    with pytest.raises(DataError, match="multiple of 3"):
         data.train_batches(split, 8, seed=0, epoch=0, process_count=3)
-    with pytest.raises(data.DataError, match="multiple of 3"):
+    with pytest.raises(DataError, match="multiple of 3"):
         data.eval_batches(split, 8, process_count=3)
 
 
 def test_batch_larger_than_the_data():
-    with pytest.raises(data.DataError, match="lower batch_size"):
+    with pytest.raises(DataError, match="lower batch_size"):
         data.steps_per_epoch(10, 16)

@@ -13,12 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import models, train_state
+from resnet_jax import layers, models, train_state
 
 TINY = {"width": 4}
 KERNELS = ["xla", "cpu"]
 CONV = functools.partial(nn.Conv, use_bias=False)
-TRAIN_NORM = functools.partial(models.BatchNorm, use_running_average=False)
+TRAIN_NORM = functools.partial(layers.BatchNorm, use_running_average=False)
 
 
 def tiny_images(batch: int = 4) -> jax.Array:

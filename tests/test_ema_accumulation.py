@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoint, config_utils, optim, parallel, train_state, workdir
+from resnet_jax.errors import ConfigError
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 8, 8, 3)
@@ -196,7 +197,7 @@ def test_a_checkpoint_without_ema_restores_only_without_one(tmp_path):
     restored = workdir.restore(checkpoints, 1, jit.restore_target(jax.eval_shape(make_state)))
     chex.assert_trees_all_equal(jax.tree.leaves(restored), jax.tree.leaves(state))
     with_ema = jax.eval_shape(lambda: make_state(ema_decay=0.9))
-    with pytest.raises(config_utils.ConfigError, match=r"ema\.decay 0 or not"):
+    with pytest.raises(ConfigError, match=r"ema\.decay 0 or not"):
         workdir.restore(checkpoints, 1, jit.restore_target(with_ema))
     checkpoints.close()
 
@@ -224,7 +225,7 @@ def test_ema_and_accumulation_keys_are_validated():
             r"grad_accumulation_steps = 3 does not divide batch_size = 128 .*e\.g\. 126 or 129",
         ),
     ]:
-        with pytest.raises(config_utils.ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             config_utils.resolve(override)
 
 

@@ -9,7 +9,8 @@ import pytest
 from flax import traverse_util
 
 from experiments import degradation
-from resnet_jax import builders, config_utils, convert, models, train_state, workdir
+from resnet_jax import builders, config_utils, convert, layers, models, train_state, workdir
+from resnet_jax.errors import ConfigError
 from tests.conftest import load_recipe
 
 
@@ -43,7 +44,7 @@ def test_report_004s_crop_trains_and_evaluates_at_24x24():
     images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
     assert preprocess(images, jax.random.key(0)).shape == (2, 24, 24, 3)
     config.augment.crop_size = 40
-    with pytest.raises(config_utils.ConfigError, match="centre crop"):
+    with pytest.raises(ConfigError, match="centre crop"):
         builders.build_preprocess(config, (32, 32, 3), builders.named_normalization("cifar10"))
 
 
@@ -94,7 +95,7 @@ def test_a_training_forward_updates_batchnorm_statistics_as_torch_does(kernels):
 
 def test_batchnorm_normalizes_as_flax_and_keeps_torchs_unbiased_running_variance():
     x = 2.0 * jax.random.normal(jax.random.key(0), (4, 3, 3, 8)) + 1.0
-    ours, flax_bn = models.BatchNorm(momentum=0.9), nn.BatchNorm(momentum=0.9)
+    ours, flax_bn = layers.BatchNorm(momentum=0.9), nn.BatchNorm(momentum=0.9)
     variables = flax_bn.init(jax.random.key(1), x, use_running_average=False)
     y, ours_stats = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     flax_y, flax_stats = flax_bn.apply(

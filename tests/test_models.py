@@ -20,7 +20,8 @@ import torch
 import torchvision
 from flax import traverse_util
 
-from resnet_jax import convert, models
+from resnet_jax import convert, layers, models
+from resnet_jax.cpu.kernels import KERNELS, kernel_modules, resolve_kernels
 from tests.test_convert import STAGES, assert_close, torch_reference
 
 IMAGENET_NAMES = tuple(models.IMAGENET_FAMILY)
@@ -275,7 +276,7 @@ def test_frozen_stages_get_no_gradient_and_keep_their_statistics(frozen_stages, 
     ("arguments", "choices"),
     [
         ({"name": "resnet19"}, models.MODEL_NAMES),
-        ({"name": "resnet18", "kernels": "gpu"}, models.KERNELS),
+        ({"name": "resnet18", "kernels": "gpu"}, KERNELS),
         ({"name": "resnet18", "stem": "tiny"}, ("imagenet", "cifar")),
         ({"name": "resnet20", "stem": "imagenet"}, ("cifar",)),
         ({"name": "resnet18", "shortcut": "C"}, ("A", "B")),
@@ -293,13 +294,13 @@ def test_bad_choices_raise_listing_the_valid_ones(arguments, choices):
 
 def test_plain_flax_is_the_default_and_auto_picks_the_cpu_set_on_one_cpu_device():
     plain = models.get_model("resnet18", kernels="xla")
-    assert (plain.conv, plain.norm, plain.pool) == (nn.Conv, models.BatchNorm, nn.max_pool)
+    assert (plain.conv, plain.norm, plain.pool) == (nn.Conv, layers.BatchNorm, nn.max_pool)
     assert models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock).conv is nn.Conv
 
     on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     on_x86_linux = sys.platform == "linux" and platform.machine() == "x86_64"
-    assert models.resolve_kernels("auto") == ("cpu" if on_one_cpu and on_x86_linux else "xla")
-    assert models.get_model("resnet18").norm is models.kernel_modules("auto")["norm"]
+    assert resolve_kernels("auto") == ("cpu" if on_one_cpu and on_x86_linux else "xla")
+    assert models.get_model("resnet18").norm is kernel_modules("auto")["norm"]
 
 
 @pytest.mark.parametrize(("system", "machine"), [("linux", "aarch64"), ("darwin", "arm64")])
@@ -307,7 +308,7 @@ def test_auto_is_plain_flax_on_a_cpu_the_cpu_set_was_not_measured_on(monkeypatch
     monkeypatch.setattr(sys, "platform", system)
     monkeypatch.setattr(platform, "machine", lambda: machine)
 
-    assert models.resolve_kernels("auto") == "xla"
+    assert resolve_kernels("auto") == "xla"
     assert models.get_model("resnet20").conv is nn.Conv
 
 
@@ -318,7 +319,7 @@ def test_both_kernel_sets_have_the_same_variables():
     chex.assert_trees_all_equal_shapes_and_dtypes(cpu, xla)
 
 
-@pytest.mark.parametrize("kernels", models.KERNELS[1:])
+@pytest.mark.parametrize("kernels", KERNELS[1:])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_eval_parity_with_torchvision_on_each_kernel_set(arch, kernels):
     state_dict, images, torch_logits, torch_stages = torch_reference(arch)

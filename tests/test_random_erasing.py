@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import augment, builders, config_utils
+from resnet_jax.errors import ConfigError
 
 TIMM = {"min_area": 0.02, "max_area": 1 / 3, "min_aspect": 0.3}  # timm's defaults
 ZHONG = {"min_area": 0.02, "max_area": 0.4, "min_aspect": 0.3}  # Zhong et al.'s Fashion-MNIST
@@ -247,7 +248,7 @@ def test_erasing_keys_are_built_validated_and_logged_when_ignored(caplog):
         "random_erasing_min_aspect": 2.0,
         "random_erasing_mode": "zero",
     }
-    with pytest.raises(config_utils.ConfigError, match="The config has 4 problems") as info:
+    with pytest.raises(ConfigError, match="The config has 4 problems") as info:
         config_utils.resolve({"augment": bad})
     message = str(info.value)
     assert "\n" not in message
@@ -258,7 +259,7 @@ def test_erasing_keys_are_built_validated_and_logged_when_ignored(caplog):
         "augment.random_erasing_mode = 'zero' is not one of: 'const', 'rand', 'pixel'",
     ):
         assert fragment in message
-    with pytest.raises(config_utils.ConfigError, match="The config has 1 problem: ") as info:
+    with pytest.raises(ConfigError, match="The config has 1 problem: ") as info:
         config_utils.resolve(
             {"augment": {"random_erasing_min_area": 0.5, "random_erasing_max_area": 0.3}}
         )

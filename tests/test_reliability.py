@@ -408,6 +408,18 @@ def test_a_missing_config_file_is_explained_without_a_traceback(tmp_path):
     assert "Cannot load the config file" in " ".join(done.stderr.split())
 
 
+def test_a_config_file_with_a_syntax_error_is_one_paragraph_naming_the_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.py"
+    recipe.write_text("from resnet_jax import base_config\n\n\ndef get_config(:\n    pass\n")
+    done = run_module("resnet_jax.train", f"--config={recipe}", f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (paragraph,) = done.stderr.strip().split("\n\n")  # nothing else on stderr
+    text = " ".join(paragraph.split())
+    assert text.startswith("Error: Cannot load the config file: a Python syntax error in")
+    assert f"{recipe} at line 4 (`def get_config(:`)" in text
+
+
 # --- Two runs on one workdir --------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import requests
 from PIL import Image
 
 from resnet_jax import config_utils, data, stream, tfds_data, transforms, workdir
+from resnet_jax.errors import ConfigError, DataError
 from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
 from tests.fake_mnist import prepare_fake_fashion_mnist
 from tests.test_data import _refuse_network
@@ -172,7 +173,7 @@ def test_a_damaged_dataset_is_not_skipped_file_by_file(tmp_path):
     for path in (root / "train").glob("*/*"):
         path.write_bytes(b"")
     batches = stream.open_stream(stream_config(root), eval_batch_size=4)
-    with pytest.raises(data.DataError, match="16 files in a row cannot be decoded"):
+    with pytest.raises(DataError, match="16 files in a row cannot be decoded"):
         next(batches.train_batches(0))
 
 
@@ -184,7 +185,7 @@ def test_auto_streams_what_does_not_fit_the_budget(folder):
     assert pipeline == "stream" and "12 images of 16x16x3" in why and "exceeds" in why
     config.dataset.image_size = 0  # memory mode would keep the files' 40x48
     assert "12 images of 40x48x3" in stream.choose_pipeline(config)[1]
-    with pytest.raises(config_utils.ConfigError, match=r"dataset\.image_size"):
+    with pytest.raises(ConfigError, match=r"dataset\.image_size"):
         stream.open_stream(config, eval_batch_size=4)
 
 
@@ -197,7 +198,7 @@ def test_auto_streams_what_does_not_fit_the_budget(folder):
 )
 def test_folder_problems_are_explained(tmp_path, layout, fragments):
     root = jpeg_folder(tmp_path, layout)
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(DataError) as error:
         stream.open_stream(stream_config(root), eval_batch_size=4)
     for fragment in fragments:
         assert fragment in str(error.value)
@@ -205,7 +206,7 @@ def test_folder_problems_are_explained(tmp_path, layout, fragments):
 
 @pytest.mark.tfds
 def test_imagenet_names_the_archives_to_download_by_hand(tmp_path):
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(DataError) as error:
         tfds_data.prepared_tfds_builder("imagenet2012", str(tmp_path), verify_checksums=True)
     message = str(error.value)
     for fragment in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "downloads/manual"):
@@ -277,7 +278,7 @@ def test_a_gray_tfds_dataset_streams_with_its_one_channel(tmp_path):
 def test_a_run_resumes_only_in_the_pipeline_it_started_in(tmp_path):
     workdir.check_same_pipeline({"pipeline": "stream"}, "stream", tmp_path)
     workdir.check_same_pipeline({}, "memory", tmp_path)  # saved before stream mode existed
-    with pytest.raises(config_utils.ConfigError, match=r"--config\.dataset\.pipeline=stream"):
+    with pytest.raises(ConfigError, match=r"--config\.dataset\.pipeline=stream"):
         workdir.check_same_pipeline({"pipeline": "stream"}, "memory", tmp_path)
-    with pytest.raises(config_utils.ConfigError, match=r"--config\.dataset\.pipeline=memory"):
+    with pytest.raises(ConfigError, match=r"--config\.dataset\.pipeline=memory"):
         workdir.check_same_pipeline({}, "stream", tmp_path)

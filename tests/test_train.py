@@ -19,6 +19,8 @@ from absl import flags
 from absl import logging as absl_logging
 
 from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
+from resnet_jax.cpu.kernels import kernel_modules
+from resnet_jax.errors import ConfigError, UserError
 from tests.conftest import REPO_ROOT, load_recipe
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
@@ -77,12 +79,12 @@ def test_every_registered_option_is_in_the_base_config_and_validated(section):
         bad = _bad_values(option)
         assert bad, f"{key}: its limit refuses none of the test values"
         for value in bad:
-            with pytest.raises(config_utils.ConfigError, match="must be") as info:
+            with pytest.raises(ConfigError, match="must be") as info:
                 config_utils.resolve({section: {key: value}})
             assert option.limit[0] in str(info.value), (key, value)
     name_key = f"{section}.name"
     assert config_utils.CHOICES[name_key] == tuple(optim.SECTIONS[section][1])
-    with pytest.raises(config_utils.ConfigError, match=f"{name_key} = 'adagrad' is not one of"):
+    with pytest.raises(ConfigError, match=f"{name_key} = 'adagrad' is not one of"):
         config_utils.resolve({section: {"name": "adagrad"}})
 
 
@@ -126,12 +128,12 @@ def test_model_kernels_is_a_validated_choice():
     assert config_utils.default_config().model.kernels == "auto"
     for kernels in ("auto", "xla", "cpu"):
         assert config_utils.resolve({"model": {"kernels": kernels}}).model.kernels == kernels
-    with pytest.raises(config_utils.ConfigError, match=r"model\.kernels = 'gpu' is not one of"):
+    with pytest.raises(ConfigError, match=r"model\.kernels = 'gpu' is not one of"):
         config_utils.resolve({"model": {"kernels": "gpu"}})
     for kernels, expected in (("xla", "xla"), ("cpu", "cpu"), ("auto", "cpu")):  # one CPU device
         config = config_utils.resolve({"model": {"name": "resnet20", "kernels": kernels}})
         model = builders.build_model(config, num_classes=10)
-        assert model.conv == models.kernel_modules(expected)["conv"], kernels
+        assert model.conv == kernel_modules(expected)["conv"], kernels
 
 
 def test_any_config_takes_any_model():
@@ -204,7 +206,7 @@ def test_rgb_statistics_for_gray_images_are_refused(normalization):
     config = config_utils.resolve(
         {"augment": {"normalization": normalization}, "dataset": {"name": "fashion_mnist"}}
     )
-    with pytest.raises(config_utils.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         builders.normalization_name(config, channels=1)
     message = str(error.value)
     assert f"{normalization}'s three RGB statistics" in message and "fashion_mnist" in message
@@ -408,6 +410,28 @@ def test_all_problems_are_reported_at_once(train_cli, tmp_path):
         "--config.label_smoothing=1.5",
     )  # fmt: skip
     assert_explained(code, stderr, "The config has 2 problems", "label_smoothing = 1.5")
+
+
+def test_any_user_error_is_one_paragraph_and_any_other_error_keeps_its_traceback(
+    train_cli, monkeypatch, tmp_path
+):
+    class PluginError(UserError):  # defined outside resnet_jax: recognised by its type
+        """A mistake a user of some plug-in can fix."""
+
+    def failing_with(error: Exception):
+        def main(argv: list[str]) -> int:
+            raise error
+
+        return main
+
+    args = ("--config=configs/r50.py", f"--workdir={tmp_path}")
+    monkeypatch.setattr(train, "main", failing_with(PluginError("Set the plug-in's option.")))
+    code, stderr = train_cli(*args)
+    assert_explained(code, stderr, "Error: Set the plug-in's option.")
+
+    monkeypatch.setattr(train, "main", failing_with(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        train_cli(*args)
 
 
 def test_a_missing_workdir_flag_is_explained(train_cli):

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 
 from resnet_jax import builders, checkpoint, config_utils, convert, models, train
+from resnet_jax.errors import ConfigError
 from tests.conftest import REPO_ROOT, load_recipe, run_module
 
 torch = pytest.importorskip("torch")
@@ -149,7 +150,7 @@ def test_rgb_weights_start_a_gray_run_with_the_stem_summed_over_rgb(
     caplog.set_level(logging.INFO, logger="absl")
     config = transfer_config(pretrained, two_classes, cache_dir)
     assert config.augment.normalization == "imagenet"  # the recipe's: RGB, refused for gray
-    with pytest.raises(config_utils.ConfigError, match=r"augment\.normalization to 'dataset'"):
+    with pytest.raises(ConfigError, match=r"augment\.normalization to 'dataset'"):
         builders.normalization_name(config, channels=1)
     gray = {"name": "dataset", "mean": [0.5], "std": [0.25]}
     _, input_shape = builders.build_preprocess(config, (24, 24, 1), gray)

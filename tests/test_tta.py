@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from resnet_jax import evaluate, models, train_state
+from resnet_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -49,5 +50,5 @@ def test_tta_results_never_go_over_the_plain_results(tmp_path):
     from_checkpoint = evaluate.tta_output(None, str(tmp_path / "checkpoints" / "18"), None, "flip")
 
     assert default == from_checkpoint == tmp_path / "results_tta_flip.json"
-    with pytest.raises(evaluate.ConfigError, match=r"plain results\.json"):
+    with pytest.raises(ConfigError, match=r"plain results\.json"):
         evaluate.tta_output(str(tmp_path), None, str(tmp_path / "results.json"), "flip")

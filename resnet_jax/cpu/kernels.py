@@ -1,6 +1,7 @@
-"""The CPU kernel set that `models.get_model(kernels="cpu")` plugs into the ResNet.
+"""The CPU kernel set that `models.get_model(kernels="cpu")` plugs into the ResNet, and the choice
+of kernel set (`kernel_modules`).
 
-`Conv`, `BatchNorm` and `max_pool` stand in for `nn.Conv`, `models.BatchNorm` and `nn.max_pool`: the
+`Conv`, `BatchNorm` and `max_pool` stand in for `nn.Conv`, `layers.BatchNorm` and `nn.max_pool`: the
 same variables (names, shapes, collections) and the same numbers up to float rounding, computed
 in ways XLA:CPU runs faster. Each piece says why; docs/PERFORMANCE.md has what each one won.
 Off a single CPU device the oneDNN shim steps aside and XLA's own ops run (XLA cannot partition
@@ -10,6 +11,8 @@ a custom call over several devices).
 from __future__ import annotations
 
 import functools
+import platform
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,13 +21,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import models
+from resnet_jax import layers
 from resnet_jax.cpu import onednn
 
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+# "xla": plain Flax; "cpu": this module's kernel set; "auto": the CPU set where it was measured.
+KERNELS = ("auto", "xla", "cpu")
 
 
 def materialized(x: jax.Array) -> jax.Array:
@@ -280,11 +285,35 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-class BatchNorm(models.BatchNorm):
-    """`models.BatchNorm` (its variables, statistics and numbers), trained through `batch_norm`."""
+class BatchNorm(layers.BatchNorm):
+    """`layers.BatchNorm` (its variables, statistics and numbers), trained through `batch_norm`."""
 
     def normalize_batch(
         self, x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(y, batch mean, biased batch variance), from `batch_norm`'s one-pass sums and VJP."""
         return batch_norm(x, scale, bias, self.epsilon, axis_name)
+
+
+def resolve_kernels(kernels: str) -> str:
+    """The kernel set, "xla" or "cpu", that `kernels` ("auto", "xla" or "cpu") means here.
+
+    "auto" is the CPU set only where it was measured faster than plain Flax: a single CPU device
+    of an x86-64 Linux machine (elsewhere, e.g. aarch64 or macOS, plain Flax). It asks JAX for its
+    backend, so call it when JAX may start one.
+    """
+    if kernels not in KERNELS:
+        valid = ", ".join(KERNELS)
+        raise ValueError(f"Unknown kernel set {kernels!r}; valid choices are: {valid}.")
+    if kernels != "auto":
+        return kernels
+    on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    measured_here = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
+    return "cpu" if on_one_cpu and measured_here else "xla"
+
+
+def kernel_modules(kernels: str) -> dict[str, Any]:
+    """The `conv`, `norm` and `pool` fields of a `models.ResNet` on the kernel set `kernels`."""
+    if resolve_kernels(kernels) == "cpu":
+        return dict(conv=Conv, norm=BatchNorm, pool=max_pool)
+    return dict(conv=nn.Conv, norm=layers.BatchNorm, pool=nn.max_pool)
