@@ -68,22 +68,78 @@ def load_batches(
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How long a run is, in the reports' terms: an epoch is train examples // batch size steps."""
+    """How a run goes through its data, in the reports' terms: an epoch is train examples // batch
+    size steps (optimizer updates), each over `batch_size` images taken in micro-batches of
+    `micro_batch_size` (gradient accumulation; the whole batch without it)."""
 
     num_train_examples: int
     batch_size: int
+    micro_batch_size: int
+    eval_batch_size: int
     steps_per_epoch: int
     num_epochs: int
     total_steps: int
 
 
-def make_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Plan:
-    """Epochs and steps: num_steps > 0 overrides num_epochs, cutting the last epoch short."""
-    steps_per_epoch = data.steps_per_epoch(num_train_examples, config.batch_size)
+def make_plan(
+    config: ml_collections.ConfigDict,
+    num_train_examples: int,
+    num_devices: int = 1,
+    *,
+    resuming: bool = False,
+) -> Plan:
+    """Epochs and steps (num_steps > 0 overrides num_epochs, cutting the last epoch short), after
+    the run's one check of its batch arithmetic: the batch fits the train split and splits into
+    equal micro-batches, and the micro-batches and the eval batch divide over the `num_devices`
+    (and so over the processes, which hold equal shares of them). A `resuming` run is told it
+    cannot change its batch size. Raises ConfigError (data.DataError, parallel.ParallelError)."""
+    batch_size, accumulation = config.batch_size, config.optimizer.grad_accumulation_steps
+    if batch_size > num_train_examples:
+        raise data.DataError(
+            f"The batch size {batch_size} is larger than the {num_train_examples} training "
+            "examples, so an epoch would have no step: lower batch_size."
+        )
+    if batch_size % accumulation:
+        below = max(accumulation, batch_size // accumulation * accumulation)
+        raise ConfigError(
+            f"optimizer.grad_accumulation_steps = {accumulation} does not divide batch_size = "
+            f"{batch_size} into equal micro-batches: set batch_size to a multiple of "
+            f"{accumulation} (e.g. {below} or {below + accumulation}), or another number of "
+            "accumulation steps."
+        )
+    checks = (
+        ("batch_size", batch_size, accumulation * num_devices),
+        ("eval_batch_size", config.eval_batch_size, num_devices),
+    )
+    for name, size, multiple in checks:
+        if size % multiple == 0:
+            continue
+        if resuming:  # another batch size would not continue the same run
+            raise parallel.ParallelError(
+                f"This run's {name} {size} does not divide over the {num_devices} devices here. "
+                "Resume it on a device count that divides it (eval_batch_size alone may change), "
+                "or start a new --workdir with another batch size."
+            )
+        below, above = parallel.nearest_divisible(size, multiple)
+        sizes = f"{below} or {above}" if below != above else f"{below}"
+        micro = (
+            f" (optimizer.grad_accumulation_steps = {accumulation} splits it into micro-batches "
+            f"of {size // accumulation})"
+            if name == "batch_size" and accumulation > 1
+            else ""
+        )
+        raise parallel.ParallelError(
+            f"The {name.replace('_', ' ')} {size}{micro} does not divide evenly across the "
+            f"{num_devices} devices of this run. Set {name} to a multiple of {multiple}, for "
+            f"example {sizes} (--config.{name}={below})."
+        )
+    steps_per_epoch = num_train_examples // batch_size
     total_steps = config.num_steps or config.num_epochs * steps_per_epoch
     return Plan(
         num_train_examples=num_train_examples,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
+        micro_batch_size=batch_size // accumulation,
+        eval_batch_size=config.eval_batch_size,
         steps_per_epoch=steps_per_epoch,
         num_epochs=math.ceil(total_steps / steps_per_epoch),
         total_steps=total_steps,
@@ -349,32 +405,47 @@ def create_state(
     config: ml_collections.ConfigDict,
     model: models.ResNet,
     tx: optax.GradientTransformation,
-    schedule: optim.Schedule,
-    preprocess: augment.Preprocess,
     input_shape: tuple[int, ...],
     variables: dict[str, Any] | None = None,
 ) -> ts.TrainState:
-    """A TrainState on the host: `variables`, or a fresh initialization from config.seed."""
+    """A TrainState on the host: `variables`, or a fresh initialization from config.seed (with an
+    EMA of the weights when ema.decay > 0)."""
     return ts.create(
         model,
         tx,
         jax.random.key(config.seed),
         input_shape,
         variables=variables,
+        ema=config.ema.decay > 0,
+    )
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    preprocess: augment.Preprocess,
+    schedule: optim.Schedule,
+    axis_name: str | None,
+) -> ts.TrainStep:
+    """The config's train step: the preprocessing, mixing, label smoothing, schedule, gradient
+    accumulation and EMA it names, averaged over `axis_name` under pmap."""
+    return ts.TrainStep(
         preprocess=preprocess,
+        mix=build_mix(config),
         label_smoothing=config.label_smoothing,
         learning_rate_fn=schedule,
-        mix=build_mix(config),
         grad_accumulation_steps=config.optimizer.grad_accumulation_steps,
         ema_decay=config.ema.decay,
         ema_warmup=config.ema.warmup,
+        axis_name=axis_name,
     )
 
 
 def compile_steps(
     par: parallel.Parallel,
     state: ts.TrainState,
-    config: ml_collections.ConfigDict,
+    train_step: ts.TrainStep,
+    eval_step: ts.EvalStep,
+    plan: Plan,
     image_shape: tuple[int, ...],
 ) -> tuple[Any, Any]:
     """The train and eval steps compiled ahead of time (from the cache on reruns), timed."""
@@ -390,9 +461,9 @@ def compile_steps(
             batch["mask"] = np.ones(size, bool)
         return par.shard_batch(batch)
 
-    train_batch = example_batch(config.batch_size, with_mask=False)
-    eval_batch = example_batch(config.eval_batch_size, with_mask=True)
-    train_step = par.precompile(par.compile_train_step(), state, train_batch)
-    eval_step = par.precompile(par.compile_eval_step(), state, eval_batch)
+    train_batch = example_batch(plan.batch_size, with_mask=False)
+    eval_batch = example_batch(plan.eval_batch_size, with_mask=True)
+    compiled_train = par.precompile(par.compile_train_step(train_step), state, train_batch)
+    compiled_eval = par.precompile(par.compile_eval_step(eval_step), state.variables, eval_batch)
     logging.info("Compiled the train and eval steps in %.1f s.", time.perf_counter() - start)
-    return train_step, eval_step
+    return compiled_train, compiled_eval

@@ -250,13 +250,7 @@ def channel_stats(images: Iterable[np.ndarray]) -> Stats:
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full batches in one epoch; the remainder is dropped."""
-    if global_batch_size <= 0:
-        raise DataError(f"The batch size must be positive, got {global_batch_size}.")
-    if num_examples < global_batch_size:
-        raise DataError(
-            f"The batch size {global_batch_size} is larger than the {num_examples} "
-            "training examples, so an epoch would have no step: lower batch_size."
-        )
+    assert 0 < global_batch_size <= num_examples, (global_batch_size, num_examples)
     return num_examples // global_batch_size
 
 
@@ -340,15 +334,8 @@ def _gather(split: Split, indices: np.ndarray) -> Batch:
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if global_batch_size <= 0:
-        raise DataError(f"The batch size must be positive, got {global_batch_size}.")
-    if global_batch_size % process_count:
-        raise DataError(
-            f"The batch size {global_batch_size} does not split evenly over "
-            f"{process_count} processes: use a multiple of {process_count}."
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    assert global_batch_size > 0 and global_batch_size % process_count == 0, global_batch_size
+    assert 0 <= process_index < process_count, (process_index, process_count)
     return global_batch_size // process_count
 
 
