@@ -20,15 +20,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from resnet_jax import augment, cli, config_utils, data, models, optim, parallel
+from resnet_jax import augment, checkpoint, cli, config_utils, data, models, optim, parallel
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
 
 REFERENCE_BATCH_SIZE = 128  # optimizer.learning_rate is the rate for this many images
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory` ("" turns it off)."""
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+    """JAX's persistent compilation cache in compilation_cache_dir ("" turns it off)."""
+    directory = config.compilation_cache_dir
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)
         return
@@ -39,16 +40,37 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+def build_parallel(config: ml_collections.ConfigDict) -> parallel.Parallel:
+    """How the run spreads over every device: "jit" (a mesh) or "pmap"."""
+    return parallel.Parallel(config.parallel)
+
+
+def open_checkpoints(config: ml_collections.ConfigDict, workdir: Path) -> checkpoint.Checkpoints:
+    """The run's checkpoints in workdir/checkpoints, keeping keep_checkpoints of the latest."""
+    return checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+
+
+def dataset_spec(config: ml_collections.ConfigDict) -> data.DatasetSpec:
+    """The config's dataset section (and seed) as what the pipelines take."""
+    options = config.dataset
+    return data.DatasetSpec(
+        name=options.name,
+        # A "~/..." from a flag is not expanded by the shell after "=", nor by tfds.
+        data_dir=str(Path(options.data_dir).expanduser()) if options.data_dir else None,
+        image_size=options.image_size or None,
+        val_fraction=options.val_fraction,
+        seed=config.seed,
+        verify_checksums=options.verify_checksums,
+    )
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
     """The config's dataset with its splits in host memory."""
+    spec = dataset_spec(config)
     return data.load(
-        config.dataset.name,
-        config.dataset.data_dir or None,
-        image_size=config.dataset.image_size or None,
-        val_fraction=config.dataset.val_fraction,
-        seed=config.seed,
-        verify_checksums=config.dataset.verify_checksums,
-    )
+        spec.name, spec.data_dir, image_size=spec.image_size, val_fraction=spec.val_fraction,
+        seed=spec.seed, verify_checksums=spec.verify_checksums,
+    )  # fmt: skip
 
 
 def load_batches(
@@ -58,19 +80,28 @@ def load_batches(
     decides by the decoded train split's size). `eval_batch_size` overrides the config's."""
     from resnet_jax import stream  # grain and the host transforms: only for this choice
 
-    pipeline, why = stream.choose_pipeline(config)
+    options, spec = config.dataset, dataset_spec(config)
+    pipeline, why = stream.choose_pipeline(spec, options.pipeline, options.memory_budget_gb)
     logging.info("Input pipeline: %s (%s).", pipeline, why)
     eval_batch_size = eval_batch_size or config.eval_batch_size
-    if pipeline == "stream":
-        return stream.open_stream(config, eval_batch_size)
-    return data.MemoryBatches(load_dataset(config), config.batch_size, eval_batch_size, config.seed)
+    if pipeline == "memory":
+        return data.MemoryBatches(
+            load_dataset(config), config.batch_size, eval_batch_size, config.seed
+        )
+    if not spec.image_size:
+        raise ConfigError(
+            "Stream mode (dataset.pipeline) crops every image on the host to dataset.image_size "
+            "x dataset.image_size, which is 0: set it (224 for ImageNet-style training)."
+        )
+    return stream.open_stream(spec, config.batch_size, eval_batch_size, options.stream_workers)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
-    """How a run goes through its data, in the reports' terms: an epoch is train examples // batch
-    size steps (optimizer updates), each over `batch_size` images taken in micro-batches of
-    `micro_batch_size` (gradient accumulation; the whole batch without it)."""
+    """How a run goes, as plain values for the loop: its length in the reports' terms (an epoch
+    is train examples // batch size steps, i.e. optimizer updates, each over `batch_size` images
+    taken in micro-batches of `micro_batch_size`), when it logs, checkpoints and traces, and what
+    it reports (which checkpoint: "best_val" or "final"; which weights: "ema" or "raw")."""
 
     num_train_examples: int
     batch_size: int
@@ -79,6 +110,15 @@ class Plan:
     steps_per_epoch: int
     num_epochs: int
     total_steps: int
+    log_every_steps: int = 100
+    checkpoint_every_epochs: int = 1
+    profile_steps: tuple[int, int] = (0, 0)  # (start step, number of steps); 0 steps = no trace
+    results_checkpoint: str = "best_val"
+    reported_weights: str = "raw"
+    model: str = ""
+    dataset: str = ""
+    learning_rate: float = 0.0  # optimizer.learning_rate, per REFERENCE_BATCH_SIZE images
+    peak_learning_rate: float = 0.0  # scaled to batch_size
 
 
 def make_plan(
@@ -143,7 +183,72 @@ def make_plan(
         steps_per_epoch=steps_per_epoch,
         num_epochs=math.ceil(total_steps / steps_per_epoch),
         total_steps=total_steps,
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_epochs=config.checkpoint_every_epochs,
+        profile_steps=(config.profile.start_step, config.profile.num_steps),
+        results_checkpoint=config.results_checkpoint,
+        reported_weights=reported_weights(config),
+        model=config.model.name,
+        dataset=config.dataset.name,
+        learning_rate=config.optimizer.learning_rate,
+        peak_learning_rate=peak_learning_rate(config),
     )
+
+
+def reported_weights(config: ml_collections.ConfigDict) -> str:
+    """The weights a run reports and picks its best checkpoint by: "ema" (their moving average)
+    when it keeps one and ema.weights says so, else "raw" (the trained weights)."""
+    return "ema" if config.ema.decay and config.ema.weights == "ema" else "raw"
+
+
+def log_plan(
+    config: ml_collections.ConfigDict, batches: data.Batches, plan: Plan, num_devices: int
+) -> None:
+    """State the run's data, length and learning rate in the terms the reports use."""
+    sizes = batches.split_sizes
+    val = f"{sizes['val']} val / " if "val" in sizes else ""
+    logging.info(
+        "Dataset %s: %d train / %s%d test examples, %d classes, images %s.",
+        config.dataset.name, sizes["train"], val, sizes["test"], len(batches.class_names),
+        "x".join(map(str, batches.image_shape)),
+    )  # fmt: skip
+    if "val" not in sizes and config.results_checkpoint == "best_val":
+        logging.warning(
+            "No validation split (dataset.val_fraction = 0): each epoch is evaluated on the test "
+            "split, and the final results come from the last checkpoint, not the best."
+        )
+    per_device = plan.micro_batch_size // num_devices
+    dropped = plan.num_train_examples - plan.steps_per_epoch * plan.batch_size
+    length = (
+        f"{config.num_steps} steps (num_steps; the last epoch cut short)"
+        if config.num_steps
+        else f"{config.num_epochs} epochs"
+    )
+    logging.info(
+        "Training on %d examples, batch size %d (%d per device on %d %s device(s)): %d steps per "
+        "epoch (%d examples dropped per epoch), %d epochs, %d steps in all (%s).",
+        plan.num_train_examples, plan.batch_size, per_device, num_devices, jax.default_backend(),
+        plan.steps_per_epoch, dropped, plan.num_epochs, plan.total_steps, length,
+    )  # fmt: skip
+    accumulation = plan.batch_size // plan.micro_batch_size
+    if accumulation > 1:
+        logging.info(
+            "Gradient accumulation: %d optimizer updates of %d images, each the mean gradient of "
+            "%d micro-batches of %d (%d per device); steps, epochs and the schedule count updates.",
+            plan.total_steps, plan.batch_size, accumulation, plan.micro_batch_size, per_device,
+        )  # fmt: skip
+    if config.ema.decay:
+        logging.info(
+            "EMA of the weights: decay %g%s; the %s weights pick the best checkpoint and give the "
+            "results.",
+            config.ema.decay, " with warmup" if config.ema.warmup else "", plan.reported_weights,
+        )  # fmt: skip
+    logging.info(
+        "Learning rate: peak %.4g (optimizer.learning_rate %.4g per %d images x batch %d), %s "
+        "schedule, %g warmup epochs.",
+        peak_learning_rate(config), config.optimizer.learning_rate, REFERENCE_BATCH_SIZE,
+        config.batch_size, config.schedule.name, config.schedule.warmup_epochs,
+    )  # fmt: skip
 
 
 def build_model(

@@ -86,6 +86,21 @@ class Dataset:
         return self.train.images.shape[1:]
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Which dataset to read and how (what both pipelines take): a tfds name or
+    `folder:/path`, tfds' data directory (None: its default), the square size to resize or crop
+    to (None: as stored), the fraction of train carved out as validation (seeded by `seed`), and
+    whether a manually downloaded tfds archive is checked against tfds' sha256."""
+
+    name: str
+    data_dir: str | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    verify_checksums: bool = True
+
+
 # How a photo of any size becomes a model input (predict, export): memory mode resizes it (as
 # folders are resized on load); stream mode takes its evaluation view (transforms.eval_crop).
 IMAGE_FITS = ("resize", "eval_crop")

@@ -37,7 +37,7 @@ from resnet_jax import (
 )
 from resnet_jax import train_state as ts
 from resnet_jax.config_utils import ConfigError
-from resnet_jax.workdir import reported_checkpoint, reported_weights
+from resnet_jax.workdir import reported_checkpoint
 
 
 def open_checkpoints(
@@ -108,12 +108,13 @@ def load_saved_run(
     try:
         if step is None:
             _, newest = checkpoints.latest_meta()
-            step, why = reported_checkpoint(checkpoints, config_utils.resolve(newest["config"]))
+            selection = config_utils.resolve(newest["config"]).results_checkpoint
+            step, why = reported_checkpoint(checkpoints, selection)
         else:
             why = f"step {step}"
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
-        weights = reported_weights(config)
+        weights = builders.reported_weights(config)
         variables = checkpoints.restore_variables(step, ema=weights == "ema")
     finally:
         checkpoints.close()

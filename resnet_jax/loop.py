@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import signal
 import threading
@@ -51,7 +52,6 @@ from resnet_jax.workdir import (
     log_results,
     prepare_workdir,
     reported_checkpoint,
-    reported_weights,
     restore,
     workdir_lock,
 )
@@ -67,13 +67,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     DivergedError if the loss or parameters become NaN/inf, and Interrupted on SIGTERM/SIGINT
     (after saving a checkpoint).
     """
-    parallel.check_processes_agree(config, workdir)
+    given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    parallel.check_processes_agree(json.dumps(given, sort_keys=True, default=repr), workdir)
     config = config_utils.resolve(config)
     workdir = prepare_workdir(workdir)
-    builders.enable_compilation_cache(config.compilation_cache_dir)
+    builders.enable_compilation_cache(config)
     # Signals are caught from here on, so one that arrives while compiling stops at step one.
     with workdir_lock(workdir), StopSignal() as stop:
-        checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+        checkpoints = builders.open_checkpoints(config, workdir)
         try:
             results = finished_results(config, workdir, checkpoints)
             if results is not None:
@@ -95,7 +96,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 class Run:
     """What the loop reads, built once by `set_up`."""
 
-    config: ml_collections.ConfigDict
     plan: Plan
     batches: data.Batches
     par: parallel.Parallel
@@ -117,7 +117,7 @@ def set_up(
 ) -> tuple[Run, ts.TrainState, int]:
     """The run's data, plan, model, steps and state (fresh or the latest saved), placed on the
     devices; and the step it starts from."""
-    par = parallel.Parallel(config.parallel)
+    par = builders.build_parallel(config)
     batches = builders.load_batches(config)
     latest = checkpoints.latest_step()
     saved = {} if latest is None else checkpoints.meta(latest)
@@ -126,7 +126,7 @@ def set_up(
     plan = builders.make_plan(
         config, batches.split_sizes["train"], par.num_devices, resuming=latest is not None
     )
-    log_plan(config, batches, plan, par)
+    builders.log_plan(config, batches, plan, par.num_devices)
 
     model = builders.build_model(config, len(batches.class_names), par.axis_name)
     normalization = builders.normalization(config, batches, saved.get("normalization"))
@@ -144,7 +144,7 @@ def set_up(
         logging.info("Resuming from the checkpoint at step %d.", step)
     logging.info(
         "Model %s: %s parameters, input %s.",
-        config.model.name, f"{models.count_params(state.params):,}", input_shape[1:],
+        plan.model, f"{models.count_params(state.params):,}", input_shape[1:],
     )  # fmt: skip
     state = par.place_state(state)
 
@@ -166,63 +166,11 @@ def set_up(
         "pipeline": batches.pipeline,
     }
     run = Run(
-        config=config, plan=plan, batches=batches, par=par, train_step=compiled_train,
+        plan=plan, batches=batches, par=par, train_step=compiled_train,
         eval_step=compiled_eval, checkpoints=checkpoints, reporter=reporter,
         checkpoint_meta=checkpoint_meta,
     )  # fmt: skip
     return run, state, step
-
-
-def log_plan(
-    config: ml_collections.ConfigDict, batches: data.Batches, plan: Plan, par: parallel.Parallel
-) -> None:
-    """State the run's data, length and learning rate in the terms the reports use."""
-    sizes = batches.split_sizes
-    val = f"{sizes['val']} val / " if "val" in sizes else ""
-    logging.info(
-        "Dataset %s: %d train / %s%d test examples, %d classes, images %s.",
-        config.dataset.name, sizes["train"], val, sizes["test"], len(batches.class_names),
-        "x".join(map(str, batches.image_shape)),
-    )  # fmt: skip
-    if "val" not in sizes and config.results_checkpoint == "best_val":
-        logging.warning(
-            "No validation split (dataset.val_fraction = 0): each epoch is evaluated on the test "
-            "split, and the final results come from the last checkpoint, not the best."
-        )
-    per_device = plan.micro_batch_size // par.num_devices
-    dropped = plan.num_train_examples - plan.steps_per_epoch * plan.batch_size
-    length = (
-        f"{config.num_steps} steps (num_steps; the last epoch cut short)"
-        if config.num_steps
-        else f"{config.num_epochs} epochs"
-    )
-    logging.info(
-        "Training on %d examples, batch size %d (%d per device on %d %s device(s)): %d steps per "
-        "epoch (%d examples dropped per epoch), %d epochs, %d steps in all (%s).",
-        plan.num_train_examples, plan.batch_size, per_device, par.num_devices,
-        jax.default_backend(), plan.steps_per_epoch, dropped, plan.num_epochs, plan.total_steps,
-        length,
-    )  # fmt: skip
-    accumulation = plan.batch_size // plan.micro_batch_size
-    if accumulation > 1:
-        logging.info(
-            "Gradient accumulation: %d optimizer updates of %d images, each the mean gradient of "
-            "%d micro-batches of %d (%d per device); steps, epochs and the schedule count updates.",
-            plan.total_steps, plan.batch_size, accumulation, plan.micro_batch_size, per_device,
-        )  # fmt: skip
-    if config.ema.decay:
-        logging.info(
-            "EMA of the weights: decay %g%s; the %s weights pick the best checkpoint and give the "
-            "results.",
-            config.ema.decay, " with warmup" if config.ema.warmup else "", reported_weights(config),
-        )  # fmt: skip
-    logging.info(
-        "Learning rate: peak %.4g (optimizer.learning_rate %.4g per %d images x batch %d), %s "
-        "schedule, %g warmup epochs.",
-        builders.peak_learning_rate(config), config.optimizer.learning_rate,
-        builders.REFERENCE_BATCH_SIZE, config.batch_size, config.schedule.name,
-        config.schedule.warmup_epochs,
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +187,7 @@ def train(run: Run, state: ts.TrainState, step: int, stop: StopSignal) -> ts.Tra
     train_metrics = TrainMetrics(
         run.par.fetch, run.reporter, plan, progress, run.batches.skipped_files
     )
-    profile = run.config.profile
-    trace = profiling.StepTrace.in_workdir(
-        run.reporter.workdir, profile.start_step, profile.num_steps
-    )
+    trace = profiling.StepTrace.in_workdir(run.reporter.workdir, *plan.profile_steps)
     try:
         for epoch in range(step // plan.steps_per_epoch, plan.num_epochs):
             epoch_end = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
@@ -259,7 +204,7 @@ def train(run: Run, state: ts.TrainState, step: int, stop: StopSignal) -> ts.Tra
                 train_metrics.add(step, step_metrics)
                 step += 1
                 progress.step()
-                log_now = step % run.config.log_every_steps == 0
+                log_now = step % plan.log_every_steps == 0
                 if log_now:
                     train_metrics.flush()
                 if step < epoch_end and stop.requested(sync=log_now):
@@ -270,7 +215,7 @@ def train(run: Run, state: ts.TrainState, step: int, stop: StopSignal) -> ts.Tra
             end_epoch(run, state, step, epoch, train_metrics.epoch_means(), stop, progress)
     except LossNotFinite as bad:
         run.checkpoints.wait()
-        message = diverged_message(bad, run.config, run.checkpoints.latest_step(), plan)
+        message = diverged_message(bad, plan, run.checkpoints.latest_step())
         raise DivergedError(message, epoch=diverged_epoch(bad, plan)) from None
     finally:
         trace.close()
@@ -321,9 +266,9 @@ def end_epoch(
             )  # fmt: skip
     last = step == run.plan.total_steps
     stopping = stop.requested(sync=True)
-    if last or stopping or (epoch + 1) % run.config.checkpoint_every_epochs == 0:
+    if last or stopping or (epoch + 1) % run.plan.checkpoint_every_epochs == 0:
         # The best checkpoint is the best of the weights the run reports.
-        reported = evaluations[reported_weights(run.config)]
+        reported = evaluations[run.plan.reported_weights]
         val_accuracy = reported["accuracy"] if split == "val" else None
         save(run, state, step, epoch + 1, val_accuracy=val_accuracy)
     if stopping and not last:
@@ -385,12 +330,12 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
     weights ("weights": "ema" or "raw"); an EMA run also reports both weights' test loss and
     accuracy."""
     run.checkpoints.wait()
-    step, why = reported_checkpoint(run.checkpoints, run.config)
+    step, why = reported_checkpoint(run.checkpoints, run.plan.results_checkpoint)
     host = run.checkpoints.restore(step, run.par.restore_target(run.par.host_state(state)))
     step = int(jax.device_get(host.step))  # an earlier one if it was damaged
     state = run.par.place_state(host)
     epoch = run.checkpoints.meta(step)["epoch"]
-    weights = reported_weights(run.config)
+    weights = run.plan.reported_weights
     logging.info(
         "Testing the checkpoint at step %d (epoch %d, %s), %s weights.", step, epoch, why, weights
     )
@@ -408,8 +353,8 @@ def final_results(run: Run, state: ts.TrainState) -> dict[str, Any]:
         "checkpoint_step": step,
         "checkpoint_epoch": epoch,
         "checkpoint_selection": why,
-        "model": run.config.model.name,
-        "dataset": run.config.dataset.name,
+        "model": run.plan.model,
+        "dataset": run.plan.dataset,
         "skipped_files": len(run.batches.skipped_files),
     }
 
@@ -564,9 +509,7 @@ def diverged_epoch(bad: LossNotFinite, plan: Plan) -> int:
     return (bad.step - 1) // plan.steps_per_epoch + 1
 
 
-def diverged_message(
-    bad: LossNotFinite, config: ml_collections.ConfigDict, latest: int | None, plan: Plan
-) -> str:
+def diverged_message(bad: LossNotFinite, plan: Plan, latest: int | None) -> str:
     """One paragraph: where training diverged, what was kept, and what to change."""
     kept = (
         f"The last good checkpoint (step {latest}) stays the latest"
@@ -576,9 +519,9 @@ def diverged_message(
     return (
         f"Training diverged: the {bad.what} became {bad.value} at step {bad.step} (epoch "
         f"{diverged_epoch(bad, plan)}). {kept}, and no results.json was written. "
-        f"Lower optimizer.learning_rate (now {config.optimizer.learning_rate:g} per "
-        f"{builders.REFERENCE_BATCH_SIZE} images, a peak of "
-        f"{builders.peak_learning_rate(config):g}), lengthen schedule.warmup_epochs, set "
+        f"Lower optimizer.learning_rate (now {plan.learning_rate:g} per "
+        f"{builders.REFERENCE_BATCH_SIZE} images, a peak of {plan.peak_learning_rate:g}), "
+        "lengthen schedule.warmup_epochs, set "
         "optimizer.grad_clip_norm (e.g. 1.0) or turn off half_precision, then rerun: the same "
         "--workdir resumes from the last good checkpoint."
     )

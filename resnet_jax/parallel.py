@@ -325,10 +325,10 @@ def _exit_not_joined(*args: Any) -> None:
         os._exit(1)
 
 
-def check_processes_agree(config: Any, workdir: str | Path) -> None:
+def check_processes_agree(config_json: str, workdir: str | Path) -> None:
     """Raise the same ParallelError on every process unless all processes of a multi-process run
-    were given the same `config` (a ConfigDict or dict, as given: compared by a hash of its JSON)
-    and see one shared `workdir`.
+    were given the same config (`config_json`, as given: compared by a hash) and see one shared
+    `workdir`.
 
     Process 0 writes a random token into `workdir`; every other process must read it back. The
     exchange uses JAX's coordination service, not the devices, so it works before any device is
@@ -341,8 +341,6 @@ def check_processes_agree(config: Any, workdir: str | Path) -> None:
         return
     index = jax_distributed.global_state.process_id
     token_file = Path(workdir).expanduser().absolute() / SHARED_WORKDIR_FILE
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else config
-    config_json = json.dumps(as_dict, sort_keys=True, default=repr)
     mine = {"config": hashlib.sha256(config_json.encode()).hexdigest()}
     if index == 0:
         mine["token"] = secrets.token_hex(16)

@@ -153,25 +153,17 @@ def log_results(results: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def reported_checkpoint(
-    checkpoints: checkpoint.Checkpoints, config: ml_collections.ConfigDict
-) -> tuple[int, str]:
+def reported_checkpoint(checkpoints: checkpoint.Checkpoints, selection: str) -> tuple[int, str]:
     """The checkpoint a run reports (results.json; evaluate, predict and export), per its
-    results_checkpoint: "final" is the latest; "best_val" the best by validation accuracy, or
-    (without a validation split) the latest, since picking by test accuracy would overstate it.
-    Returns (step, why)."""
-    if config.results_checkpoint == "final":
+    results_checkpoint `selection`: "final" is the latest; "best_val" the best by validation
+    accuracy, or (without a validation split) the latest, since picking by test accuracy would
+    overstate it. Returns (step, why)."""
+    if selection == "final":
         return checkpoints.latest_step(), "final (results_checkpoint = final)"
     best = checkpoints.best_step()
     if best is not None:
         return best, "best validation accuracy"
     return checkpoints.latest_step(), "latest (no validation split to pick the best)"
-
-
-def reported_weights(config: ml_collections.ConfigDict) -> str:
-    """The weights a run reports and picks its best checkpoint by: "ema" (their moving average)
-    when it keeps one and ema.weights says so, else "raw" (the trained weights)."""
-    return "ema" if config.ema.decay and config.ema.weights == "ema" else "raw"
 
 
 def restore(checkpoints: checkpoint.Checkpoints, step: int, target: Any) -> ts.TrainState:

@@ -211,11 +211,11 @@ def test_a_checkpoint_without_ema_restores_only_without_one(tmp_path):
 def test_ema_and_accumulation_keys_are_validated():
     config = config_utils.resolve({})
     assert config.ema.decay == 0.0 and config.optimizer.grad_accumulation_steps == 1  # off
-    assert workdir.reported_weights(config) == "raw"
+    assert builders.reported_weights(config) == "raw"
     config = config_utils.resolve({"ema": {"decay": 0.999}, "batch_size": 96})
-    assert workdir.reported_weights(config) == "ema"
+    assert builders.reported_weights(config) == "ema"
     config.ema.weights = "raw"
-    assert workdir.reported_weights(config) == "raw"
+    assert builders.reported_weights(config) == "raw"
     for override, message in [
         ({"ema": {"decay": 1.0}}, r"ema\.decay = 1\.0 must be in \[0, 1\)"),
         ({"ema": {"weights": "best"}}, r"ema\.weights = 'best' is not one of: 'ema', 'raw'"),

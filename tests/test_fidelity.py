@@ -58,10 +58,8 @@ class _Checkpoints:
 
 
 def test_results_checkpoint_picks_the_final_or_the_best_validated():
-    final = config_utils.resolve({"results_checkpoint": "final"})
-    best_val = config_utils.resolve({"results_checkpoint": "best_val"})
-    assert workdir.reported_checkpoint(_Checkpoints(), final)[0] == 64_000
-    assert workdir.reported_checkpoint(_Checkpoints(), best_val)[0] == 48_000
+    assert workdir.reported_checkpoint(_Checkpoints(), "final")[0] == 64_000
+    assert workdir.reported_checkpoint(_Checkpoints(), "best_val")[0] == 48_000
 
 
 @pytest.mark.parametrize("recipe", ["resnet20", "resnet56", "resnet110", "resnet1202"])
