@@ -588,7 +588,7 @@ BEFORE = REPO_ROOT / "tests" / "data" / "checkpoints_before_step_factory"
 
 @pytest.mark.parametrize("run", ["plain", "ema"])
 def test_a_checkpoint_written_before_the_step_factory_restores_and_resumes(
-    run, train_cli, tiny_overrides, tmp_path
+    run, train_cli, tiny_overrides, tmp_path, caplog
 ):
     # Written by the code of dc5f1a9, whose TrainState carried the step's settings as static
     # fields: a 1-epoch run of resnet20 at width 1 on the fake CIFAR-10 (EMA decay 0.5 in "ema").
@@ -604,7 +604,7 @@ def test_a_checkpoint_written_before_the_step_factory_restores_and_resumes(
     )  # fmt: skip
 
     assert code == 0, stderr
-    assert "Resuming from the checkpoint at step 9." in stderr
+    assert "Resuming from the checkpoint at step 9." in caplog.text
     resumed = evaluate.load_saved_run(str(workdir), None)
     assert resumed.meta["step"] == 18
     epochs = [r for r in reporting.read_metrics(workdir) if r["record"] == "epoch"]

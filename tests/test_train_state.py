@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import augment, models, optim, train_state
+from tests.conftest import REPO_ROOT
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 16, 16, 3)
@@ -320,3 +321,20 @@ def test_the_eval_step_needs_only_the_variables(memorized, batch):
     on_variables = jax.jit(train_state.EvalStep(tiny_model().apply))(state.variables, batch)
 
     chex.assert_trees_all_close(on_variables, eval_step(state, batch), rtol=1e-6)
+
+
+@pytest.mark.slow  # compiles four steps
+def test_the_readme_python_api_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n\n")]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2).astype(np.int32)
+    batch = {"image": rng.normal(size=(2, 32, 32, 3)).astype(np.float32), "label": labels}
+    uint8_batch = {"image": rng.integers(0, 256, (2, 32, 32, 3), np.uint8), "label": labels}
+    names = {"batch": batch, "uint8_batch": uint8_batch, "mask": np.array([True, False])}
+    tiny = code.replace('"resnet50", num_classes=10, stem="cifar"', '"resnet20", 10, width=4')
+    assert tiny != code
+    exec(tiny, names)
+
+    assert int(names["state"].step) == 2 and float(names["metrics"]["count"]) == 1
