@@ -11,8 +11,8 @@ side's figure is the median over windows after warm-up. On a shared machine abso
 average is printed with each model so a noisy run shows as one.
 
 What runs on each side, and how it is timed, is `experiments.harness`'s (shared with the GPU
-benchmark): on the JAX side what users run, `train_state.train_step` compiled by
-`parallel.Parallel("jit").compile_train_step()` (state donated), on batches placed with
+benchmark): on the JAX side what users run, a `train_state.TrainStep` compiled by
+`parallel.Parallel("jit").compile_train_step(step)` (state donated), on batches placed with
 `shard_batch`. FLOPs come from XLA's `cost_analysis()` of the same step with the model on plain
 Flax (kernels="xla": the same arithmetic; XLA cannot see into oneDNN's calls); GFLOP/s are set
 against a float32 GEMM timed in the same run. On one CPU device the model runs on the CPU kernel

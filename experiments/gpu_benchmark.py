@@ -11,8 +11,8 @@ Rows, in this order (the most wanted first, so a run cut short keeps them):
 One process measures everything, on synthetic device-resident batches (the same random images on
 both sides). The JAX side is what users run on an accelerator: `models.get_model(...,
 kernels="xla")` (plain Flax; "auto" resolves to it on a GPU), `dtype=bfloat16` for the bf16 rows
-(params float32), and `train_state.train_step` compiled ahead of time by
-`parallel.Parallel("jit").compile_train_step()` with the state donated. The PyTorch side is
+(params float32), and a `train_state.TrainStep` compiled ahead of time by
+`parallel.Parallel("jit").compile_train_step(step)` with the state donated. The PyTorch side is
 torchvision's same model, channels-last, bf16 autocast for the bf16 rows, SGD with the same
 hyperparameters, `cudnn.benchmark` on; once eager and once with the model under `torch.compile`
 (default mode; the optimizer step stays eager). Both sides are `experiments.harness`'s, as in the

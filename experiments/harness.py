@@ -3,8 +3,9 @@
 benchmark.py (the CPU), gpu_benchmark.py, pipeline_benchmark.py and augment_cost.py time the
 train step through this module, so that each side runs the same way in all of them:
 
-- `JaxTrainer`: what users run, `train_state.train_step` compiled ahead of time by
-  `parallel.Parallel("jit").compile_train_step()` (state donated), on one device-resident batch.
+- `JaxTrainer`: what users run, a `train_state.TrainStep` compiled ahead of time by
+  `parallel.Parallel("jit").compile_train_step(step)` (state donated), on one device-resident
+  batch.
   `flops()` is XLA's cost analysis of that step with the model on plain Flax (kernels="xla"):
   the same arithmetic in ops XLA can count (it cannot see into the CPU kernel set's oneDNN calls).
 - `TorchTrainer`: torchvision's twin of the model (`torch_model`) in PyTorch, channels-last, SGD
@@ -110,17 +111,12 @@ def make_state(
     image_size: int = IMAGE_SIZE,
     dtype: Any = jnp.float32,
     kernels: str = "auto",
-    preprocess: train_state.Preprocess | None = None,
-    mix: train_state.Mix | None = None,
 ) -> train_state.TrainState:
-    """The train state of `MODELS[name]`: SGD with the benchmark's hyperparameters, and the given
-    on-device preprocess (default: a cast to float) and mix."""
+    """The train state of `MODELS[name]`: SGD with the benchmark's hyperparameters."""
     arch, stem = MODELS[name]
     model = models.get_model(arch, num_classes, stem=stem, dtype=dtype, kernels=kernels)
     tx = optim.make_optimizer("sgd", LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    options = {"preprocess": preprocess} if preprocess is not None else {}
-    input_shape = (1, image_size, image_size, 3)
-    return train_state.create(model, tx, jax.random.key(0), input_shape, mix=mix, **options)
+    return train_state.create(model, tx, jax.random.key(0), (1, image_size, image_size, 3))
 
 
 def flops_of(compiled: Any) -> float:
@@ -132,7 +128,9 @@ def flops_of(compiled: Any) -> float:
 
 
 class JaxTrainer:
-    """resnet_jax's compiled train step on one placed state and one device-resident batch.
+    """resnet_jax's compiled train step (`train_state.TrainStep` with the given on-device
+    preprocess, default a cast to float, and mix) on one placed state and one device-resident
+    batch.
 
     `trainer(n)` runs n steps and returns the seconds per step (one host sync, at the end);
     `trainer(n, batches)` places each step's batch from the host iterator `batches` instead.
@@ -153,14 +151,16 @@ class JaxTrainer:
         self.par = parallel.Parallel("jit")
         self.kernels = cpu_kernels.resolve_kernels(kernels)
         self._state_options = dict(
-            num_classes=num_classes, image_size=batch["image"].shape[1], dtype=dtype,
-            preprocess=preprocess, mix=mix,
-        )  # fmt: skip
+            num_classes=num_classes, image_size=batch["image"].shape[1], dtype=dtype
+        )
         self.name = name
         self.state = self.par.place_state(make_state(name, kernels=kernels, **self._state_options))
         self.batch = self.par.shard_batch(batch)
+        preprocess = preprocess or train_state.cast_to_float
+        self.train_step = train_state.TrainStep(preprocess=preprocess, mix=mix)
+        self.eval_step = train_state.EvalStep(self.state.apply_fn, preprocess)
         start = time.perf_counter()
-        self._lowered = self.par.compile_train_step().lower(self.state, self.batch)
+        self._lowered = self.par.compile_train_step(self.train_step).lower(self.state, self.batch)
         self.step = self._lowered.compile()
         self.compile_s = time.perf_counter() - start
         self(warmup_steps)
@@ -175,7 +175,7 @@ class JaxTrainer:
             state = self.par.place_state(
                 make_state(self.name, kernels="xla", **self._state_options)
             )
-            lowered = self.par.compile_train_step().lower(state, self.batch)
+            lowered = self.par.compile_train_step(self.train_step).lower(state, self.batch)
             compiled = lowered.compile()
         return flops_of(compiled) or flops_of(lowered)
 
@@ -189,13 +189,13 @@ class JaxTrainer:
 
     def evaluator(self) -> Runner:
         """`run(n)`: the seconds per eval step over n steps on the trainer's state and batch."""
-        state, batch = self.state, self.batch
-        step = self.par.compile_eval_step().lower(state, batch).compile()
+        variables, batch = self.state.variables, self.batch
+        step = self.par.compile_eval_step(self.eval_step).lower(variables, batch).compile()
 
         def run(steps: int) -> float:
             start = time.perf_counter()
             for _ in range(steps):
-                metrics = step(state, batch)
+                metrics = step(variables, batch)
             jax.block_until_ready(metrics)
             return (time.perf_counter() - start) / steps
 

@@ -8,7 +8,7 @@
 Throughput (the default section). Both sides read the same folder of JPEGs written at the start of
 the run (ImageNet-like sizes, ~400x350 on average, quality 90; or `--folder` with
 train/<class>/*.jpg) and make uint8 batches of random 224x224 crops:
-- ours: what training runs, `stream.open_stream` on a config with dataset.name = folder:...,
+- ours: what training runs, `stream.open_stream` on the folder (dataset.name = folder:...),
   pipeline "stream", image_size 224 and stream_workers = k: grain worker processes decode and
   RandomResizedCrop each image (`resnet_jax.transforms`). Stream mode flips on the device, in the
   compiled step, so ours does no flip here;
@@ -59,7 +59,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from resnet_jax import base_config, cpu, data, stream
+from resnet_jax import cpu, data, stream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where the training runs start
 
@@ -113,23 +113,13 @@ def make_jpeg_folder(
 # The two pipelines: each an iterator over one epoch of {"image": uint8 batch, "label": int batch}
 
 
-def stream_config(root: Path, batch_size: int, workers: int, seed: int = 0) -> Any:
-    """The trainer's config for stream mode on the folder, 224x224 crops, `workers` workers."""
-    config = base_config.get_config()
-    config.dataset.update(
-        name=f"{data.FOLDER_PREFIX}{root}", pipeline="stream", image_size=CROP_SIZE,
-        stream_workers=workers, val_fraction=0.0,
-    )  # fmt: skip
-    config.batch_size, config.seed = batch_size, seed
-    return config
-
-
 def stream_batches(
     root: Path, batch_size: int, workers: int, seed: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Our side: stream mode's own batches, as training reads its first epoch."""
-    config = stream_config(root, batch_size, workers, seed)
-    return stream.open_stream(config, eval_batch_size=batch_size).train_batches(epoch=0)
+    """Our side: stream mode's own batches of the folder's 224x224 crops, as training reads its
+    first epoch with `workers` workers."""
+    dataset = data.DatasetSpec(name=f"{data.FOLDER_PREFIX}{root}", image_size=CROP_SIZE, seed=seed)
+    return stream.open_stream(dataset, batch_size, batch_size, workers).train_batches(epoch=0)
 
 
 def torch_batches(root: Path, batch_size: int, workers: int, seed: int = 0) -> Iterator[Any]:

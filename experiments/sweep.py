@@ -1,7 +1,7 @@
 """A study: its arms, training and resuming them, and the command line every study script shares.
 
 A study is a base config and a list of arms, each arm a few config overrides. `main` trains every
-arm with `resnet_jax.train.train_and_evaluate` in its own workdir `<out>/<arm>/`: an arm that has
+arm with `resnet_jax.loop.train_and_evaluate` in its own workdir `<out>/<arm>/`: an arm that has
 its results.json is not trained again, and an interrupted one resumes from its checkpoints. Then it
 writes to `<out>/` the table (`study_report`: results.csv, results.md, which says what the numbers
 came from) and the figures (`study_figures`: curves.png, test_accuracy.png and the study's own).
@@ -402,11 +402,7 @@ def _check_workdir(workdir: Path, config: Any) -> None:
 
 
 def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
-    from resnet_jax import (  # imports JAX and TensorFlow: only when something trains
-        files,
-        loop,
-        train,
-    )
+    from resnet_jax import files, loop  # imports JAX and TensorFlow: only when something trains
 
     workdir.mkdir(parents=True, exist_ok=True)
     stored = workdir / ARM_FILE
@@ -423,7 +419,7 @@ def train_arm(config: Any, workdir: Path, study: Study, arm: Arm) -> None:
     record.setdefault("started", _now())
     files.write_text(stored, json.dumps(record, indent=2) + "\n")
     try:
-        train.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
     except loop.DivergedError as error:
         # A result of the study (e.g. too high a learning rate), not a failure of the sweep.
         print(f"{arm.name} diverged: {error}")

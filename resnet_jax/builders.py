@@ -20,15 +20,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from resnet_jax import augment, config_utils, data, models, optim, parallel
+from resnet_jax import augment, checkpoint, config_utils, data, models, optim, parallel
 from resnet_jax import train_state as ts
-from resnet_jax.errors import ConfigError, UserError
+from resnet_jax.errors import ConfigError, DataError, UserError
 
 REFERENCE_BATCH_SIZE = 128  # optimizer.learning_rate is the rate for this many images
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory` ("" turns it off)."""
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+    """JAX's persistent compilation cache in compilation_cache_dir ("" turns it off)."""
+    directory = config.compilation_cache_dir
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)
         return
@@ -39,16 +40,37 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+def build_parallel(config: ml_collections.ConfigDict) -> parallel.Parallel:
+    """How the run spreads over every device: "jit" (a mesh) or "pmap"."""
+    return parallel.Parallel(config.parallel)
+
+
+def open_checkpoints(config: ml_collections.ConfigDict, workdir: Path) -> checkpoint.Checkpoints:
+    """The run's checkpoints in workdir/checkpoints, keeping keep_checkpoints of the latest."""
+    return checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+
+
+def dataset_spec(config: ml_collections.ConfigDict) -> data.DatasetSpec:
+    """The config's dataset section (and seed) as what the pipelines take."""
+    options = config.dataset
+    return data.DatasetSpec(
+        name=options.name,
+        # A "~/..." from a flag is not expanded by the shell after "=", nor by tfds.
+        data_dir=str(Path(options.data_dir).expanduser()) if options.data_dir else None,
+        image_size=options.image_size or None,
+        val_fraction=options.val_fraction,
+        seed=config.seed,
+        verify_checksums=options.verify_checksums,
+    )
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
     """The config's dataset with its splits in host memory."""
+    spec = dataset_spec(config)
     return data.load(
-        config.dataset.name,
-        config.dataset.data_dir or None,
-        image_size=config.dataset.image_size or None,
-        val_fraction=config.dataset.val_fraction,
-        seed=config.seed,
-        verify_checksums=config.dataset.verify_checksums,
-    )
+        spec.name, spec.data_dir, image_size=spec.image_size, val_fraction=spec.val_fraction,
+        seed=spec.seed, verify_checksums=spec.verify_checksums,
+    )  # fmt: skip
 
 
 def load_batches(
@@ -58,36 +80,175 @@ def load_batches(
     decides by the decoded train split's size). `eval_batch_size` overrides the config's."""
     from resnet_jax import stream  # grain and the host transforms: only for this choice
 
-    pipeline, why = stream.choose_pipeline(config)
+    options, spec = config.dataset, dataset_spec(config)
+    pipeline, why = stream.choose_pipeline(spec, options.pipeline, options.memory_budget_gb)
     logging.info("Input pipeline: %s (%s).", pipeline, why)
     eval_batch_size = eval_batch_size or config.eval_batch_size
-    if pipeline == "stream":
-        return stream.open_stream(config, eval_batch_size)
-    return data.MemoryBatches(load_dataset(config), config.batch_size, eval_batch_size, config.seed)
+    if pipeline == "memory":
+        return data.MemoryBatches(
+            load_dataset(config), config.batch_size, eval_batch_size, config.seed
+        )
+    if not spec.image_size:
+        raise ConfigError(
+            "Stream mode (dataset.pipeline) crops every image on the host to dataset.image_size "
+            "x dataset.image_size, which is 0: set it (224 for ImageNet-style training)."
+        )
+    return stream.open_stream(spec, config.batch_size, eval_batch_size, options.stream_workers)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
-    """How long a run is, in the reports' terms: an epoch is train examples // batch size steps."""
+    """How a run goes, as plain values for the loop: its length in the reports' terms (an epoch
+    is train examples // batch size steps, i.e. optimizer updates, each over `batch_size` images
+    taken in micro-batches of `micro_batch_size`), when it logs, checkpoints and traces, and what
+    it reports (which checkpoint: "best_val" or "final"; which weights: "ema" or "raw")."""
 
     num_train_examples: int
     batch_size: int
+    micro_batch_size: int
+    eval_batch_size: int
     steps_per_epoch: int
     num_epochs: int
     total_steps: int
+    log_every_steps: int = 100
+    checkpoint_every_epochs: int = 1
+    profile_steps: tuple[int, int] = (0, 0)  # (start step, number of steps); 0 steps = no trace
+    results_checkpoint: str = "best_val"
+    reported_weights: str = "raw"
+    model: str = ""
+    dataset: str = ""
+    learning_rate: float = 0.0  # optimizer.learning_rate, per REFERENCE_BATCH_SIZE images
+    peak_learning_rate: float = 0.0  # scaled to batch_size
 
 
-def make_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Plan:
-    """Epochs and steps: num_steps > 0 overrides num_epochs, cutting the last epoch short."""
-    steps_per_epoch = data.steps_per_epoch(num_train_examples, config.batch_size)
+def make_plan(
+    config: ml_collections.ConfigDict,
+    num_train_examples: int,
+    num_devices: int = 1,
+    *,
+    resuming: bool = False,
+) -> Plan:
+    """Epochs and steps (num_steps > 0 overrides num_epochs, cutting the last epoch short), after
+    the run's one check of its batch arithmetic: the batch fits the train split and splits into
+    equal micro-batches, and the micro-batches and the eval batch divide over the `num_devices`
+    (and so over the processes, which hold equal shares of them). A `resuming` run is told it
+    cannot change its batch size. Raises ConfigError (DataError, parallel.ParallelError)."""
+    batch_size, accumulation = config.batch_size, config.optimizer.grad_accumulation_steps
+    if batch_size > num_train_examples:
+        raise DataError(
+            f"The batch size {batch_size} is larger than the {num_train_examples} training "
+            "examples, so an epoch would have no step: lower batch_size."
+        )
+    if batch_size % accumulation:
+        below = max(accumulation, batch_size // accumulation * accumulation)
+        raise ConfigError(
+            f"optimizer.grad_accumulation_steps = {accumulation} does not divide batch_size = "
+            f"{batch_size} into equal micro-batches: set batch_size to a multiple of "
+            f"{accumulation} (e.g. {below} or {below + accumulation}), or another number of "
+            "accumulation steps."
+        )
+    checks = (
+        ("batch_size", batch_size, accumulation * num_devices),
+        ("eval_batch_size", config.eval_batch_size, num_devices),
+    )
+    for name, size, multiple in checks:
+        if size % multiple == 0:
+            continue
+        if resuming:  # another batch size would not continue the same run
+            raise parallel.ParallelError(
+                f"This run's {name} {size} does not divide over the {num_devices} devices here. "
+                "Resume it on a device count that divides it (eval_batch_size alone may change), "
+                "or start a new --workdir with another batch size."
+            )
+        below, above = parallel.nearest_divisible(size, multiple)
+        sizes = f"{below} or {above}" if below != above else f"{below}"
+        micro = (
+            f" (optimizer.grad_accumulation_steps = {accumulation} splits it into micro-batches "
+            f"of {size // accumulation})"
+            if name == "batch_size" and accumulation > 1
+            else ""
+        )
+        raise parallel.ParallelError(
+            f"The {name.replace('_', ' ')} {size}{micro} does not divide evenly across the "
+            f"{num_devices} devices of this run. Set {name} to a multiple of {multiple}, for "
+            f"example {sizes} (--config.{name}={below})."
+        )
+    steps_per_epoch = num_train_examples // batch_size
     total_steps = config.num_steps or config.num_epochs * steps_per_epoch
     return Plan(
         num_train_examples=num_train_examples,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
+        micro_batch_size=batch_size // accumulation,
+        eval_batch_size=config.eval_batch_size,
         steps_per_epoch=steps_per_epoch,
         num_epochs=math.ceil(total_steps / steps_per_epoch),
         total_steps=total_steps,
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_epochs=config.checkpoint_every_epochs,
+        profile_steps=(config.profile.start_step, config.profile.num_steps),
+        results_checkpoint=config.results_checkpoint,
+        reported_weights=reported_weights(config),
+        model=config.model.name,
+        dataset=config.dataset.name,
+        learning_rate=config.optimizer.learning_rate,
+        peak_learning_rate=peak_learning_rate(config),
     )
+
+
+def reported_weights(config: ml_collections.ConfigDict) -> str:
+    """The weights a run reports and picks its best checkpoint by: "ema" (their moving average)
+    when it keeps one and ema.weights says so, else "raw" (the trained weights)."""
+    return "ema" if config.ema.decay and config.ema.weights == "ema" else "raw"
+
+
+def log_plan(
+    config: ml_collections.ConfigDict, batches: data.Batches, plan: Plan, num_devices: int
+) -> None:
+    """State the run's data, length and learning rate in the terms the reports use."""
+    sizes = batches.split_sizes
+    val = f"{sizes['val']} val / " if "val" in sizes else ""
+    logging.info(
+        "Dataset %s: %d train / %s%d test examples, %d classes, images %s.",
+        config.dataset.name, sizes["train"], val, sizes["test"], len(batches.class_names),
+        "x".join(map(str, batches.image_shape)),
+    )  # fmt: skip
+    if "val" not in sizes and config.results_checkpoint == "best_val":
+        logging.warning(
+            "No validation split (dataset.val_fraction = 0): each epoch is evaluated on the test "
+            "split, and the final results come from the last checkpoint, not the best."
+        )
+    per_device = plan.micro_batch_size // num_devices
+    dropped = plan.num_train_examples - plan.steps_per_epoch * plan.batch_size
+    length = (
+        f"{config.num_steps} steps (num_steps; the last epoch cut short)"
+        if config.num_steps
+        else f"{config.num_epochs} epochs"
+    )
+    logging.info(
+        "Training on %d examples, batch size %d (%d per device on %d %s device(s)): %d steps per "
+        "epoch (%d examples dropped per epoch), %d epochs, %d steps in all (%s).",
+        plan.num_train_examples, plan.batch_size, per_device, num_devices, jax.default_backend(),
+        plan.steps_per_epoch, dropped, plan.num_epochs, plan.total_steps, length,
+    )  # fmt: skip
+    accumulation = plan.batch_size // plan.micro_batch_size
+    if accumulation > 1:
+        logging.info(
+            "Gradient accumulation: %d optimizer updates of %d images, each the mean gradient of "
+            "%d micro-batches of %d (%d per device); steps, epochs and the schedule count updates.",
+            plan.total_steps, plan.batch_size, accumulation, plan.micro_batch_size, per_device,
+        )  # fmt: skip
+    if config.ema.decay:
+        logging.info(
+            "EMA of the weights: decay %g%s; the %s weights pick the best checkpoint and give the "
+            "results.",
+            config.ema.decay, " with warmup" if config.ema.warmup else "", plan.reported_weights,
+        )  # fmt: skip
+    logging.info(
+        "Learning rate: peak %.4g (optimizer.learning_rate %.4g per %d images x batch %d), %s "
+        "schedule, %g warmup epochs.",
+        peak_learning_rate(config), config.optimizer.learning_rate, REFERENCE_BATCH_SIZE,
+        config.batch_size, config.schedule.name, config.schedule.warmup_epochs,
+    )  # fmt: skip
 
 
 def build_model(
@@ -349,32 +510,47 @@ def create_state(
     config: ml_collections.ConfigDict,
     model: models.ResNet,
     tx: optax.GradientTransformation,
-    schedule: optim.Schedule,
-    preprocess: augment.Preprocess,
     input_shape: tuple[int, ...],
     variables: dict[str, Any] | None = None,
 ) -> ts.TrainState:
-    """A TrainState on the host: `variables`, or a fresh initialization from config.seed."""
+    """A TrainState on the host: `variables`, or a fresh initialization from config.seed (with an
+    EMA of the weights when ema.decay > 0)."""
     return ts.create(
         model,
         tx,
         jax.random.key(config.seed),
         input_shape,
         variables=variables,
+        ema=config.ema.decay > 0,
+    )
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    preprocess: augment.Preprocess,
+    schedule: optim.Schedule,
+    axis_name: str | None,
+) -> ts.TrainStep:
+    """The config's train step: the preprocessing, mixing, label smoothing, schedule, gradient
+    accumulation and EMA it names, averaged over `axis_name` under pmap."""
+    return ts.TrainStep(
         preprocess=preprocess,
+        mix=build_mix(config),
         label_smoothing=config.label_smoothing,
         learning_rate_fn=schedule,
-        mix=build_mix(config),
         grad_accumulation_steps=config.optimizer.grad_accumulation_steps,
         ema_decay=config.ema.decay,
         ema_warmup=config.ema.warmup,
+        axis_name=axis_name,
     )
 
 
 def compile_steps(
     par: parallel.Parallel,
     state: ts.TrainState,
-    config: ml_collections.ConfigDict,
+    train_step: ts.TrainStep,
+    eval_step: ts.EvalStep,
+    plan: Plan,
     image_shape: tuple[int, ...],
 ) -> tuple[Any, Any]:
     """The train and eval steps compiled ahead of time (from the cache on reruns), timed."""
@@ -390,9 +566,9 @@ def compile_steps(
             batch["mask"] = np.ones(size, bool)
         return par.shard_batch(batch)
 
-    train_batch = example_batch(config.batch_size, with_mask=False)
-    eval_batch = example_batch(config.eval_batch_size, with_mask=True)
-    train_step = par.precompile(par.compile_train_step(), state, train_batch)
-    eval_step = par.precompile(par.compile_eval_step(), state, eval_batch)
+    train_batch = example_batch(plan.batch_size, with_mask=False)
+    eval_batch = example_batch(plan.eval_batch_size, with_mask=True)
+    compiled_train = par.precompile(par.compile_train_step(train_step), state, train_batch)
+    compiled_eval = par.precompile(par.compile_eval_step(eval_step), state.variables, eval_batch)
     logging.info("Compiled the train and eval steps in %.1f s.", time.perf_counter() - start)
-    return train_step, eval_step
+    return compiled_train, compiled_eval

@@ -23,8 +23,8 @@ from resnet_jax.errors import ConfigError
 # Where users are sent to read what each key means.
 BASE_CONFIG = "resnet_jax/base_config.py"
 NORMALIZATIONS = ("auto", *augment.NAMED_STATS, "dataset")
-RESULTS_CHECKPOINTS = ("best_val", "final")  # workdir.chosen_checkpoint's selections
-EMA_WEIGHTS = ("ema", "raw")  # workdir.chosen_weights' selections
+RESULTS_CHECKPOINTS = ("best_val", "final")  # workdir.reported_checkpoint's selections
+EMA_WEIGHTS = ("ema", "raw")  # builders.reported_weights' selections
 FREEZE_HELP = '"none", "backbone", or the number of stages k (the stem and stages 1..k), e.g. "2"'
 
 # Allowed values of the keys that name a choice.
@@ -130,7 +130,6 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
             problems.append(problem)
     if merged["num_epochs"] == 0 and merged["num_steps"] == 0:
         problems.append("num_epochs and num_steps are both 0: set one of them to how long to train")
-    problems += _accumulation_problems(merged)
     problems += _erasing_area_problems(merged)
     if problems:
         raise ConfigError(
@@ -142,21 +141,6 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
     resolved = default_config()
     resolved.update_from_flattened_dict({k: v for k, v in merged.items()})
     return resolved
-
-
-def _accumulation_problems(merged: dict[str, Any]) -> list[str]:
-    """Gradient accumulation splits each batch into equal micro-batches."""
-    steps, batch_size = merged["optimizer.grad_accumulation_steps"], merged["batch_size"]
-    if not (isinstance(steps, int) and isinstance(batch_size, int)) or steps < 1 or batch_size < 1:
-        return []  # reported as a type or range problem
-    if batch_size % steps == 0:
-        return []
-    below = max(steps, batch_size // steps * steps)
-    return [
-        f"optimizer.grad_accumulation_steps = {steps} does not divide batch_size = {batch_size} "
-        f"into equal micro-batches: set batch_size to a multiple of {steps} (e.g. {below} or "
-        f"{below + steps}), or another number of accumulation steps"
-    ]
 
 
 def _erasing_area_problems(merged: dict[str, Any]) -> list[str]:

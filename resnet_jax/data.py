@@ -57,6 +57,21 @@ class Dataset:
         return self.train.images.shape[1:]
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Which dataset to read and how (what both pipelines take): a tfds name or
+    `folder:/path`, tfds' data directory (None: its default), the square size to resize or crop
+    to (None: as stored), the fraction of train carved out as validation (seeded by `seed`), and
+    whether a manually downloaded tfds archive is checked against tfds' sha256."""
+
+    name: str
+    data_dir: str | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    verify_checksums: bool = True
+
+
 # How a photo of any size becomes a model input (predict, export): memory mode resizes it (as
 # folders are resized on load); stream mode takes its evaluation view (transforms.eval_crop).
 IMAGE_FITS = ("resize", "eval_crop")
@@ -219,13 +234,7 @@ def channel_stats(images: Iterable[np.ndarray]) -> Stats:
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full batches in one epoch; the remainder is dropped."""
-    if global_batch_size <= 0:
-        raise DataError(f"The batch size must be positive, got {global_batch_size}.")
-    if num_examples < global_batch_size:
-        raise DataError(
-            f"The batch size {global_batch_size} is larger than the {num_examples} "
-            "training examples, so an epoch would have no step: lower batch_size."
-        )
+    assert 0 < global_batch_size <= num_examples, (global_batch_size, num_examples)
     return num_examples // global_batch_size
 
 
@@ -309,15 +318,8 @@ def _gather(split: Split, indices: np.ndarray) -> Batch:
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if global_batch_size <= 0:
-        raise DataError(f"The batch size must be positive, got {global_batch_size}.")
-    if global_batch_size % process_count:
-        raise DataError(
-            f"The batch size {global_batch_size} does not split evenly over "
-            f"{process_count} processes: use a multiple of {process_count}."
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    assert global_batch_size > 0 and global_batch_size % process_count == 0, global_batch_size
+    assert 0 <= process_index < process_count, (process_index, process_count)
     return global_batch_size // process_count
 
 

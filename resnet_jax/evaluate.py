@@ -23,20 +23,19 @@ from typing import Any
 
 import jax
 import ml_collections
-import optax
 from absl import flags, logging
 
-from resnet_jax import builders, checkpoint, config_utils, files, loop, parallel, reporting
+from resnet_jax import builders, checkpoint, config_utils, evaluation, files, parallel, reporting
 from resnet_jax import train_state as ts
 from resnet_jax.errors import ConfigError
-from resnet_jax.workdir import chosen_checkpoint, chosen_weights
+from resnet_jax.workdir import reported_checkpoint
 
 
-def find_checkpoint(
+def open_checkpoints(
     workdir: str | None, checkpoint_path: str | None
-) -> tuple[checkpoint.Checkpoints, int, str]:
-    """The checkpoints and the step to use: `checkpoint_path` (a step directory) if given, else
-    the workdir's best by validation accuracy (the latest without a validation split)."""
+) -> tuple[checkpoint.Checkpoints, int | None]:
+    """The checkpoints of a run, and the step `checkpoint_path` names (a step directory), or None
+    for a workdir (whose run says which step it reports)."""
     if bool(workdir) == bool(checkpoint_path):
         raise ConfigError(
             "Pass either --workdir (a training run's directory) or --checkpoint (one of its "
@@ -49,8 +48,7 @@ def find_checkpoint(
                 f"--checkpoint {path} is not a checkpoint: pass a step directory such as "
                 "WORKDIR/checkpoints/7020 (ls WORKDIR/checkpoints lists them)."
             )
-        checkpoints = checkpoint.Checkpoints(path.parent, read_only=True)
-        return checkpoints, int(path.name), f"step {path.name}"
+        return checkpoint.Checkpoints(path.parent, read_only=True), int(path.name)
     directory = Path(workdir).expanduser().absolute() / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(
@@ -65,11 +63,7 @@ def find_checkpoint(
             "at the end of each epoch; a run that failed or stopped earlier saved none). Train "
             "it first, or pass another --workdir."
         )
-    _, newest = checkpoints.latest_meta()
-    step, why = chosen_checkpoint(
-        checkpoints, newest["config"].get("results_checkpoint", "best_val")
-    )
-    return checkpoints, step, why
+    return checkpoints, None
 
 
 def saved_config(meta: dict[str, Any], data_dir: str | None) -> ml_collections.ConfigDict:
@@ -78,15 +72,6 @@ def saved_config(meta: dict[str, Any], data_dir: str | None) -> ml_collections.C
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     return config
-
-
-def chosen_variables(
-    checkpoints: checkpoint.Checkpoints, step: int, config: ml_collections.ConfigDict
-) -> tuple[dict[str, Any], str]:
-    """The variables of `step` that its run reports (its EMA's unless ema.weights = "raw", when
-    it kept one), and which they are: "ema" or "raw"."""
-    weights = chosen_weights(config)
-    return checkpoints.restore_variables(step, ema=weights == "ema"), weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +92,21 @@ class SavedRun:
 def load_saved_run(
     workdir: str | None, checkpoint_path: str | None, data_dir: str | None = None
 ) -> SavedRun:
-    """The checkpoint `find_checkpoint` picks, with its config (data_dir overridden if given) and
-    the variables `chosen_variables` picks."""
-    checkpoints, step, why = find_checkpoint(workdir, checkpoint_path)
+    """The checkpoint `checkpoint_path` names, or the one the run in `workdir` reports
+    (workdir.reported_checkpoint), with its config (data_dir overridden if given) and the
+    variables of the weights it reports (workdir.reported_weights)."""
+    checkpoints, step = open_checkpoints(workdir, checkpoint_path)
     try:
+        if step is None:
+            _, newest = checkpoints.latest_meta()
+            selection = config_utils.resolve(newest["config"]).results_checkpoint
+            step, why = reported_checkpoint(checkpoints, selection)
+        else:
+            why = f"step {step}"
         meta = checkpoints.meta(step)
         config = saved_config(meta, data_dir)
-        variables, weights = chosen_variables(checkpoints, step, config)
+        weights = builders.reported_weights(config)
+        variables = checkpoints.restore_variables(step, ema=weights == "ema")
     finally:
         checkpoints.close()
     # Checkpoints from before the record had RGB images and named statistics, which the config
@@ -124,43 +117,23 @@ def load_saved_run(
     return SavedRun(step, why, meta, config, variables, weights, normalization)
 
 
-def eval_state(
-    config: ml_collections.ConfigDict,
-    variables: dict[str, Any],
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-    normalization: dict[str, Any],
-) -> ts.TrainState:
-    """A state holding only what evaluation needs: the model, its variables, the preprocessing
-    (with the run's `normalization`)."""
-    model = builders.build_model(config, num_classes)
-    preprocess, input_shape = builders.build_preprocess(config, image_shape, normalization)
-    return ts.create(
-        model,
-        optax.identity(),  # no optimizer state: the restored variables are all there is
-        jax.random.key(config.seed),
-        input_shape,
-        variables=variables,
-        preprocess=preprocess,
+def saved_model(
+    run: SavedRun, num_classes: int, image_shape: tuple[int, int, int]
+) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """The saved run's model apply and eval preprocessing (with the run's normalization), for
+    images of `image_shape` in `num_classes` classes."""
+    model = builders.build_model(run.config, num_classes)
+    preprocess, _ = builders.build_preprocess(run.config, image_shape, run.normalization)
+    return model.apply, preprocess
+
+
+def logits_of(run: SavedRun) -> Callable[[jax.Array], jax.Array]:
+    """uint8 NHWC images of the run's shape -> the reported weights' logits, preprocessed as the
+    run's evaluation was (what predict and export compute)."""
+    apply, preprocess = saved_model(
+        run, len(run.meta["class_names"]), tuple(run.meta["image_shape"])
     )
-
-
-def flip_averaged(apply_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """`apply_fn` whose logits are the mean of the logits of the images and of their left-right
-    mirror images (test-time augmentation "flip")."""
-
-    def apply(variables: dict[str, Any], images: jax.Array, **kwargs: Any) -> jax.Array:
-        logits = apply_fn(variables, images, **kwargs)
-        mirrored = apply_fn(variables, images[:, :, ::-1], **kwargs)
-        return (logits + mirrored) / 2
-
-    return apply
-
-
-# Test-time augmentations: how each changes the model's apply function.
-TTA: dict[str, Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]] = {
-    "flip": flip_averaged
-}
+    return lambda images: apply(run.variables, preprocess(images, None), train=False)
 
 
 def evaluate_checkpoint(
@@ -172,30 +145,31 @@ def evaluate_checkpoint(
     """results.json's figures for a checkpoint, on the test split of the dataset it trained on,
     with the weights the run reports (its EMA unless ema.weights = "raw", when it kept one).
 
-    `tta`: "none", or a test-time augmentation of `TTA` (its name is then in the results' "tta").
+    `tta`: "none", or a test-time augmentation of `evaluation.TTA` (its name is then in the
+    results' "tta").
     """
-    if tta != "none" and tta not in TTA:
-        raise ConfigError(f"Unknown --tta {tta!r}: use none or {' or '.join(TTA)}.")
+    if tta != "none" and tta not in evaluation.TTA:
+        raise ConfigError(f"Unknown --tta {tta!r}: use none or {' or '.join(evaluation.TTA)}.")
     run = load_saved_run(workdir, checkpoint_path, data_dir)
     config, step, why, weights = run.config, run.step, run.why, run.weights
     par = parallel.Parallel("jit")  # BatchNorm uses running statistics: no cross-device sync
     # Evaluation pads and masks its last batch, so any multiple of the device count is as exact.
     batch_size = max(1, config.eval_batch_size // par.num_devices) * par.num_devices
     batches = builders.load_batches(config, eval_batch_size=batch_size)
-    state = eval_state(
-        config, run.variables, len(batches.class_names), batches.image_shape, run.normalization
-    )
+    apply, preprocess = saved_model(run, len(batches.class_names), batches.image_shape)
     if tta != "none":
-        state = state.replace(apply_fn=TTA[tta](state.apply_fn))
-    state = par.place_state(state)
+        apply = evaluation.TTA[tta](apply)
     logging.info(
         "Testing %s's checkpoint at step %d (%s), %s weights%s.", config.model.name, step, why,
         weights, "" if tta == "none" else f", test-time augmentation {tta}",
     )  # fmt: skip
     test_batches = batches.eval_batches("test")
-    evaluation = loop.evaluate_split(par.compile_eval_step(), state, test_batches, par)
+    variables = par.place_state(run.variables)
+    figures = evaluation.evaluate_split(
+        par.compile_eval_step(ts.EvalStep(apply, preprocess)), variables, test_batches, par
+    )
     return {
-        **loop.summarize_test(evaluation, batches.class_names),
+        **evaluation.summarize_test(figures, batches.class_names),
         "weights": weights,
         "checkpoint_step": step,
         "checkpoint_epoch": run.meta["epoch"],
@@ -257,7 +231,7 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Override the run's dataset.data_dir (data moved).")
     flags.DEFINE_string("output", None, "Also write the results as JSON here, and a confusion PNG.")
     flags.DEFINE_enum(
-        "tta", "none", ["none", *TTA],
+        "tta", "none", ["none", *evaluation.TTA],
         "Test-time augmentation: flip = mean logits of each image and its mirror; written to "
         "W/results_tta_flip.json unless --output is given.",
     )  # fmt: skip

@@ -70,12 +70,7 @@ def export_checkpoint(
     config, meta = run.config, run.meta
     config.model.kernels = "xla"  # plain XLA ops lower for every platform
     class_names, image_shape = meta["class_names"], tuple(meta["image_shape"])
-    state = evaluate.eval_state(
-        config, run.variables, len(class_names), image_shape, run.normalization
-    )
-
-    def logits(images: jax.Array) -> jax.Array:
-        return state.apply_fn(state.variables, state.preprocess(images, None), train=False)
+    logits = evaluate.logits_of(run)
 
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)

@@ -34,7 +34,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import errors
-from resnet_jax import train_state as ts
 
 MODES = ("jit", "pmap")
 DATA_AXIS = "data"
@@ -55,41 +54,6 @@ def nearest_divisible(batch_size: int, divisor: int) -> tuple[int, int]:
     """The multiples of `divisor` just below and above `batch_size`."""
     below = max(divisor, batch_size // divisor * divisor)
     return below, below + divisor if below < batch_size else below
-
-
-def check_batch_size(global_batch_size: int, num_devices: int, name: str = "batch_size") -> None:
-    """Raise ParallelError unless the global batch splits evenly over the devices.
-
-    `name` is the config key the message tells the user to change (e.g. "eval_batch_size").
-    """
-    if global_batch_size <= 0 or global_batch_size % num_devices:
-        below, above = nearest_divisible(max(global_batch_size, 1), num_devices)
-        sizes = f"{below} or {above}" if below != above else f"{below}"
-        raise ParallelError(
-            f"The {name.replace('_', ' ')} {global_batch_size} does not divide evenly across the "
-            f"{num_devices} devices of this run. Set {name} to a multiple of {num_devices}, "
-            f"for example {sizes} (--config.{name}={below})."
-        )
-
-
-def check_micro_batch_size(
-    global_batch_size: int, accumulation_steps: int, num_devices: int
-) -> None:
-    """Raise ParallelError unless each of gradient accumulation's micro-batches (the global batch
-    over `accumulation_steps`) splits evenly over the devices."""
-    micro_batch_size = global_batch_size // accumulation_steps
-    if micro_batch_size % num_devices == 0:
-        return
-    multiple = accumulation_steps * num_devices
-    below, above = nearest_divisible(global_batch_size, multiple)
-    sizes = f"{below} or {above}" if below != above else f"{below}"
-    raise ParallelError(
-        f"optimizer.grad_accumulation_steps = {accumulation_steps} splits each batch of "
-        f"{global_batch_size} into micro-batches of {micro_batch_size}, which do not divide evenly "
-        f"across the {num_devices} devices of this run. Set batch_size to a multiple of "
-        f"{multiple}, for example {sizes} (--config.batch_size={below}), or accumulate fewer "
-        "micro-batches."
-    )
 
 
 def is_main_process() -> bool:
@@ -132,13 +96,14 @@ class Parallel:
         return len(self.devices)
 
     def local_batch_size(self, global_batch_size: int) -> int:
-        """This process's share of each global batch (checks that the global batch divides)."""
-        check_batch_size(global_batch_size, self.num_devices)
+        """This process's share of each global batch (one that divides over the devices)."""
+        assert global_batch_size % self.num_devices == 0, (global_batch_size, self.num_devices)
         return global_batch_size // self.num_devices * len(self.local_devices)
 
-    def place_state(self, state: ts.TrainState) -> ts.TrainState:
-        """Put a state on the devices, replicated: from host/local arrays (the same value on every
-        process), or from `host_state`/a checkpoint restored with `restore_target`."""
+    def place_state(self, state: Any) -> Any:
+        """Put a state (or any tree of arrays: variables) on the devices, replicated: from
+        host/local arrays (the same value on every process), or from `host_state`/a checkpoint
+        restored with `restore_target`."""
         if self.mode == "pmap":
             return jax.tree.map(self._replicate_local, state)
         return jax.tree.map(self._replicate, state)
@@ -158,7 +123,7 @@ class Parallel:
             return jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
         return jax.device_put(x, self.replicated)
 
-    def host_state(self, state: ts.TrainState) -> ts.TrainState:
+    def host_state(self, state: Any) -> Any:
         """The state as one copy: arrays replicated over the mesh (pmap's device axis undone),
         what checkpoints save (collectively, from every process) and `np.asarray` reads."""
         if self.mode == "pmap":
@@ -171,7 +136,7 @@ class Parallel:
         arrays = [by_device[d] for d in self.local_devices]
         return jax.make_array_from_single_device_arrays(shape, self.replicated, arrays)
 
-    def restore_target(self, state: ts.TrainState) -> ts.TrainState:
+    def restore_target(self, state: Any) -> Any:
         """Shapes, dtypes and shardings to restore a checkpoint of `state` onto this run's mesh,
         whatever device count it was saved from; `place_state` the result."""
         return jax.tree.map(
@@ -194,13 +159,7 @@ class Parallel:
 
     def _check_local_batch(self, local_batch: dict[str, np.ndarray], n: int) -> None:
         size = len(next(iter(local_batch.values())))
-        if size % n:
-            below, above = nearest_divisible(size, n)
-            raise ParallelError(
-                f"This process's share of the batch has {size} examples, which does not divide "
-                f"evenly across its {n} devices; feed {below} or {above} per process (the global "
-                f"batch size must be a multiple of the {self.num_devices} devices)."
-            )
+        assert size % n == 0, f"a local batch of {size} does not divide over {n} devices"
 
     def fetch(self, metrics: Any) -> Any:
         """What a compiled step returned (e.g. metrics) -> numpy, on every process.
@@ -212,25 +171,25 @@ class Parallel:
             return jax.tree.map(lambda x: np.asarray(jax.device_get(x)[0]), metrics)
         return jax.tree.map(_to_numpy, metrics)
 
-    def compile_train_step(self) -> Callable[..., Any]:
-        """`train_step` compiled for this mode, with the state donated."""
+    def compile_train_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """A train step (`train_state.TrainStep`, built with this run's `axis_name`) compiled for
+        this mode, with the state donated."""
         if self.mode == "pmap":
-            return jax.pmap(
-                ts.train_step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0
-            )
+            return jax.pmap(step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0)
         return jax.jit(
-            ts.train_step,
+            step,
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
         )
 
-    def compile_eval_step(self) -> Callable[..., Any]:
-        """`eval_step` compiled for this mode."""
+    def compile_eval_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """An eval step (`train_state.EvalStep`, built with this run's `axis_name`) compiled for
+        this mode: `step(variables, batch)`, the variables placed as `place_state` places them."""
         if self.mode == "pmap":
-            return jax.pmap(ts.eval_step, axis_name=PMAP_AXIS, devices=self.devices)
+            return jax.pmap(step, axis_name=PMAP_AXIS, devices=self.devices)
         return jax.jit(
-            ts.eval_step,
+            step,
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=self.replicated,
         )
@@ -366,10 +325,10 @@ def _exit_not_joined(*args: Any) -> None:
         os._exit(1)
 
 
-def check_processes_agree(config: Any, workdir: str | Path) -> None:
+def check_processes_agree(config_json: str, workdir: str | Path) -> None:
     """Raise the same ParallelError on every process unless all processes of a multi-process run
-    were given the same `config` (a ConfigDict or dict, as given: compared by a hash of its JSON)
-    and see one shared `workdir`.
+    were given the same config (`config_json`, as given: compared by a hash) and see one shared
+    `workdir`.
 
     Process 0 writes a random token into `workdir`; every other process must read it back. The
     exchange uses JAX's coordination service, not the devices, so it works before any device is
@@ -382,8 +341,6 @@ def check_processes_agree(config: Any, workdir: str | Path) -> None:
         return
     index = jax_distributed.global_state.process_id
     token_file = Path(workdir).expanduser().absolute() / SHARED_WORKDIR_FILE
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else config
-    config_json = json.dumps(as_dict, sort_keys=True, default=repr)
     mine = {"config": hashlib.sha256(config_json.encode()).hexdigest()}
     if index == 0:
         mine["token"] = secrets.token_hex(16)

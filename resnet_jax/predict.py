@@ -16,7 +16,6 @@ preprocessing are the exported artifact's: nothing is built from the model's cod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -68,10 +67,8 @@ def predict(
     run = evaluate.load_saved_run(workdir, checkpoint_path)
     class_names, image_shape = run.meta["class_names"], tuple(run.meta["image_shape"])
     images = load_images(image_paths, image_shape, run.meta.get("image_fit", "resize"))
-    state = evaluate.eval_state(
-        run.config, run.variables, len(class_names), image_shape, run.normalization
-    )
-    return top_classes(np.asarray(_probabilities(state, images)), class_names, top_k)
+    probabilities = jax.nn.softmax(jax.jit(evaluate.logits_of(run))(images))
+    return top_classes(np.asarray(probabilities), class_names, top_k)
 
 
 def predict_exported(
@@ -106,11 +103,6 @@ def top_classes(
 
 
 @jax.jit
-def _probabilities(state: Any, images: jax.Array) -> jax.Array:
-    logits = state.apply_fn(state.variables, state.preprocess(images, None), train=False)
-    return jax.nn.softmax(logits)
-
-
 def define_flags() -> None:
     """The CLI's flags (defined only when run as a program)."""
     flags.DEFINE_string("workdir", None, "A training run's directory: use its reported checkpoint.")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 from absl import logging
 
 PROFILE_DIR = "profile"
@@ -35,12 +34,13 @@ class StepTrace:
         self.tracing = False
 
     @classmethod
-    def for_run(cls, config: ml_collections.ConfigDict, workdir: Path) -> StepTrace:
-        """The trace the config's `profile` section asks for (one that never starts when off)."""
+    def in_workdir(cls, workdir: Path, start_step: int, num_steps: int) -> StepTrace:
+        """The trace of a run in `workdir` (one that never starts when `num_steps` is 0), in its
+        profile/ directory (per process when there are several)."""
         directory = workdir / PROFILE_DIR
         if jax.process_count() > 1:  # processes on one host would write the same file name
             directory = directory / f"process_{jax.process_index()}"
-        return cls(directory, config.profile.start_step, config.profile.num_steps)
+        return cls(directory, start_step, num_steps)
 
     def before(self, step: int, state: Any) -> None:
         """Start tracing if `step` (0-based, about to run) is the first traced one."""

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from PIL import Image
 
 from resnet_jax import data, tfds_data, transforms
-from resnet_jax.errors import ConfigError, DataError
+from resnet_jax.errors import DataError
 
 # A run of this many unreadable files in a row is a damaged dataset, not a bad file to skip.
 MAX_CONSECUTIVE_BAD_FILES = 16
@@ -272,51 +271,48 @@ def _ignore_keyboard_interrupt(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# --- From a config ------------------------------------------------------------------------------
+# --- From a dataset's description ------------------------------------------------------------
 
 
-def open_stream(config: ml_collections.ConfigDict, eval_batch_size: int) -> StreamBatches:
-    """The config's dataset as a `StreamBatches`: listed (a folder) or prepared as ArrayRecord
-    (tfds) but not read."""
-    options = config.dataset
-    if not options.image_size:
-        raise ConfigError(
-            "Stream mode (dataset.pipeline) crops every image on the host to dataset.image_size "
-            "x dataset.image_size, which is 0: set it (224 for ImageNet-style training)."
-        )
-    if options.name.startswith(data.FOLDER_PREFIX):
-        sources, class_names, channels = _folder_sources(config)
+def open_stream(
+    dataset: data.DatasetSpec,
+    batch_size: int,
+    eval_batch_size: int,
+    workers: int,
+) -> StreamBatches:
+    """The dataset as a `StreamBatches` of `batch_size` (train) and `eval_batch_size` batches,
+    decoded by `workers` processes: listed (a folder) or prepared as ArrayRecord (tfds) but not
+    read. Every image is cropped to dataset.image_size, which must be set."""
+    assert dataset.image_size, "stream mode crops to an image size"
+    if dataset.name.startswith(data.FOLDER_PREFIX):
+        sources, class_names, channels = _folder_sources(dataset)
     else:
-        sources, class_names, channels = _tfds_sources(config)
+        sources, class_names, channels = _tfds_sources(dataset)
     return StreamBatches(
-        sources, class_names, options.image_size, channels, batch_size=config.batch_size,
-        eval_batch_size=eval_batch_size, seed=config.seed, workers=options.stream_workers,
+        sources, class_names, dataset.image_size, channels, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, seed=dataset.seed, workers=workers,
     )  # fmt: skip
 
 
-def _folder_sources(
-    config: ml_collections.ConfigDict,
-) -> tuple[dict[str, Any], list[str], int]:
-    root = Path(config.dataset.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
+def _folder_sources(dataset: data.DatasetSpec) -> tuple[dict[str, Any], list[str], int]:
+    root = Path(dataset.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
     listing, class_names = data.list_folder(root)
     channels = data.folder_channels(listing)  # memory mode's, so that both read a folder alike
     sources = {name: FolderSource(split.paths, split.labels) for name, split in listing.items()}
-    if "val" not in sources and config.dataset.val_fraction > 0:
+    if "val" not in sources and dataset.val_fraction > 0:
         train = listing["train"]
-        is_val = data.validation_mask(train.labels, config.dataset.val_fraction, config.seed)
+        is_val = data.validation_mask(train.labels, dataset.val_fraction, dataset.seed)
         paths = np.array(train.paths, dtype=object)
         sources["train"] = FolderSource(list(paths[~is_val]), train.labels[~is_val])
         sources["val"] = FolderSource(list(paths[is_val]), train.labels[is_val])
     return sources, class_names, channels
 
 
-def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[str], int]:
+def _tfds_sources(dataset: data.DatasetSpec) -> tuple[dict[str, Any], list[str], int]:
     import tensorflow_datasets as tfds
 
-    options = config.dataset
-    data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
     builder = tfds_data.prepared_tfds_builder(
-        options.name, data_dir, options.verify_checksums, file_format="array_record"
+        dataset.name, dataset.data_dir, dataset.verify_checksums, file_format="array_record"
     )
     sources = {}
     for ours, theirs in tfds_data.tfds_split_names(builder).items():
@@ -326,31 +322,31 @@ def _tfds_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], li
             )
         except (ValueError, NotImplementedError, FileNotFoundError) as error:
             raise DataError(
-                f"Cannot stream {options.name} from {builder.data_dir} "
+                f"Cannot stream {dataset.name} from {builder.data_dir} "
                 f"({' '.join(str(error).split())[:200]}). Stream mode reads ArrayRecord files: "
                 "if the dataset was prepared as TFRecord (by memory mode), prepare it again in "
                 "another dataset.data_dir, or use dataset.pipeline = 'memory'."
             ) from None
-        sources[ours] = TfdsSource(records, f"{options.name}[{theirs}]")
-    if "val" not in sources and options.val_fraction > 0:
+        sources[ours] = TfdsSource(records, f"{dataset.name}[{theirs}]")
+    if "val" not in sources and dataset.val_fraction > 0:
         train = sources["train"]
         unlabeled = np.zeros(len(train), np.int32)  # reading the labels would read every record
-        is_val = data.validation_mask(unlabeled, options.val_fraction, config.seed)
+        is_val = data.validation_mask(unlabeled, dataset.val_fraction, dataset.seed)
         sources["train"] = dataclasses.replace(train, indices=np.flatnonzero(~is_val))
         sources["val"] = dataclasses.replace(train, indices=np.flatnonzero(is_val))
     features = builder.info.features
     return sources, list(features["label"].names), features["image"].shape[-1]
 
 
-def choose_pipeline(config: ml_collections.ConfigDict) -> tuple[str, str]:
-    """Memory or stream, as the config's dataset.pipeline says, and why. "auto" estimates the
+def choose_pipeline(
+    dataset: data.DatasetSpec, pipeline: str, memory_budget_gb: float
+) -> tuple[str, str]:
+    """Memory or stream, as `pipeline` (dataset.pipeline) says, and why. "auto" estimates the
     decoded train split (examples x H x W x C bytes, from the folder's listing and its first
-    image's header, or tfds' dataset info) against dataset.memory_budget_gb, reading no image."""
-    options = config.dataset
-    if options.pipeline != "auto":
-        return options.pipeline, f"dataset.pipeline = {options.pipeline!r}"
-    budget = options.memory_budget_gb * 1e9
-    count, shape = _train_split_size(config)
+    image's header, or tfds' dataset info) against `memory_budget_gb`, reading no image."""
+    if pipeline != "auto":
+        return pipeline, f"dataset.pipeline = {pipeline!r}"
+    count, shape = _train_split_size(dataset)
     if shape is None:
         return "stream", (
             "the images differ in size and dataset.image_size is 0, so memory mode could not "
@@ -359,32 +355,30 @@ def choose_pipeline(config: ml_collections.ConfigDict) -> tuple[str, str]:
     if count is None:
         return "memory", "the train split's size is known only once it is prepared"
     decoded = count * math.prod(shape)
-    fits = decoded <= budget
+    fits = decoded <= memory_budget_gb * 1e9
     return ("memory" if fits else "stream"), (
         f"the decoded train split, {count:,} images of {'x'.join(map(str, shape))} = "
         f"{decoded / 1e9:.3g} GB, {'fits' if fits else 'exceeds'} dataset.memory_budget_gb = "
-        f"{options.memory_budget_gb:g}"
+        f"{memory_budget_gb:g}"
     )
 
 
 def _train_split_size(
-    config: ml_collections.ConfigDict,
+    dataset: data.DatasetSpec,
 ) -> tuple[int | None, tuple[int, int, int] | None]:
     """(train examples or None if unknown, (H, W, C) as memory mode would hold them or None if
     they differ in size). A folder counts 3 channels, its most: whether it is gray would take
     reading every image's header."""
-    options = config.dataset
-    size = (options.image_size, options.image_size) if options.image_size else None
-    if options.name.startswith(data.FOLDER_PREFIX):
-        root = Path(options.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
+    size = (dataset.image_size, dataset.image_size) if dataset.image_size else None
+    if dataset.name.startswith(data.FOLDER_PREFIX):
+        root = Path(dataset.name.removeprefix(data.FOLDER_PREFIX)).expanduser()
         listing, _ = data.list_folder(root)
         paths = listing["train"].paths
         if size is None:
             with Image.open(paths[0]) as first:  # reads the header only
                 size = (first.height, first.width)
         return len(paths), (*size, 3)
-    data_dir = str(Path(options.data_dir).expanduser()) if options.data_dir else None
-    info = tfds_data.tfds_builder(options.name, data_dir).info
+    info = tfds_data.tfds_builder(dataset.name, dataset.data_dir).info
     shape = info.features["image"].shape
     if size is None and None not in shape[:2]:
         size = tuple(shape[:2])

@@ -153,24 +153,17 @@ def log_results(results: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def chosen_checkpoint(
-    checkpoints: checkpoint.Checkpoints, selection: str = "best_val"
-) -> tuple[int, str]:
-    """The checkpoint to report, per the config's results_checkpoint: "final" is the latest;
-    "best_val" the best by validation accuracy, or (without a validation split) the latest,
-    since picking by test accuracy would overstate it. Returns (step, why)."""
+def reported_checkpoint(checkpoints: checkpoint.Checkpoints, selection: str) -> tuple[int, str]:
+    """The checkpoint a run reports (results.json; evaluate, predict and export), per its
+    results_checkpoint `selection`: "final" is the latest; "best_val" the best by validation
+    accuracy, or (without a validation split) the latest, since picking by test accuracy would
+    overstate it. Returns (step, why)."""
     if selection == "final":
         return checkpoints.latest_step(), "final (results_checkpoint = final)"
     best = checkpoints.best_step()
     if best is not None:
         return best, "best validation accuracy"
     return checkpoints.latest_step(), "latest (no validation split to pick the best)"
-
-
-def chosen_weights(config: ml_collections.ConfigDict) -> str:
-    """Which weights a run reports: "ema" (its moving average) when it keeps one and ema.weights
-    says so, else "raw" (the trained weights)."""
-    return "ema" if config.ema.decay and config.ema.weights == "ema" else "raw"
 
 
 def restore(checkpoints: checkpoint.Checkpoints, step: int, target: Any) -> ts.TrainState:

@@ -52,17 +52,21 @@ EVAL_VALID = 11  # the eval batch's last GLOBAL_BATCH - EVAL_VALID examples are 
 SEED = 0
 # An EMA with warmup, and 2 micro-batches of 8 per step: 2 examples per device on 4 devices.
 EMA_ACCUMULATION = {"ema_decay": 0.5, "ema_warmup": True, "grad_accumulation_steps": 2}
+# What a test trains: a state (host arrays) and the train and eval steps it goes with.
+Setup = tuple[train_state.TrainState, train_state.TrainStep, train_state.EvalStep]
 
 
-def make_state(axis_name: str | None = None, **options) -> train_state.TrainState:
-    """The tiny model every test trains, from one seed; host (single-device) arrays. `options`
-    go to `train_state.create` (e.g. EMA_ACCUMULATION).
+def make_state(
+    axis_name: str | None = None, ema: bool = False, dtype: Any = np.float32
+) -> train_state.TrainState:
+    """The tiny model every test trains (computing in `dtype`), from one seed; host
+    (single-device) arrays, with an EMA of the weights if `ema`.
 
     The variables are drawn with numpy (He-normal kernels, unit BN scales) rather than by
     `model.init`, whose XLA compile alone takes seconds on a loaded CPU; `create` takes them as
     pretrained ones.
     """
-    model = models.get_model("resnet20", NUM_CLASSES, width=4, axis_name=axis_name)
+    model = models.get_model("resnet20", NUM_CLASSES, width=4, axis_name=axis_name, dtype=dtype)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(SEED), np.zeros((1, *IMAGE_SHAPE)), train=False)
     )
@@ -80,20 +84,27 @@ def make_state(axis_name: str | None = None, **options) -> train_state.TrainStat
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
     tx = optax.sgd(0.1, momentum=0.9)
     return train_state.create(
-        model, tx, jax.random.key(SEED), (1, *IMAGE_SHAPE), variables=variables, **options
+        model, tx, jax.random.key(SEED), (1, *IMAGE_SHAPE), variables=variables, ema=ema
     )
 
 
-def make_mixaug_state(
-    axis_name: str | None = None, dtype: Any = np.float32
-) -> train_state.TrainState:
+def plain(axis_name: str | None = None, ema_accumulation: bool = False) -> Setup:
+    """make_state's network on normalized float images (with EMA_ACCUMULATION if asked)."""
+    state = make_state(axis_name, ema=ema_accumulation)
+    settings = EMA_ACCUMULATION if ema_accumulation else {}
+    train_step = train_state.TrainStep(axis_name=axis_name, **settings)
+    return state, train_step, train_state.EvalStep(state.apply_fn, axis_name=axis_name)
+
+
+def mixaug(axis_name: str | None = None, dtype: Any = np.float32) -> Setup:
     """make_state's network, computing in `dtype`, with RandAugment and mixup/CutMix."""
-    model = models.get_model("resnet20", NUM_CLASSES, width=4, axis_name=axis_name, dtype=dtype)
+    state = make_state(axis_name, dtype=dtype)
     preprocess = augment.make_preprocess(
         mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD, crop_padding=2, policy="randaugment"
     )
     mix = augment.Mix(mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
-    return make_state(axis_name).replace(apply_fn=model.apply, preprocess=preprocess, mix=mix)
+    train_step = train_state.TrainStep(preprocess=preprocess, mix=mix, axis_name=axis_name)
+    return state, train_step, train_state.EvalStep(state.apply_fn, preprocess, axis_name)
 
 
 def uint8_batches() -> list[dict[str, np.ndarray]]:
@@ -139,39 +150,42 @@ def process_slice(batch: dict[str, np.ndarray], p: parallel.Parallel) -> dict[st
 
 @functools.cache
 def train_single(
-    make: Callable[..., train_state.TrainState] = make_state,
-    batches: Callable[[], list[dict]] = global_batches,
+    setup: Callable[..., Setup] = plain, batches: Callable[[], list[dict]] = global_batches
 ) -> tuple[train_state.TrainState, list[dict], dict]:
     """The reference: plain jit of the one step on one device, on whole global batches."""
-    step = jax.jit(train_state.train_step)
-    state = make()
+    state, train_step, eval_step = setup()
+    step = jax.jit(train_step)
     history = []
     for batch in batches():
         state, metrics = step(state, batch)
         history.append(jax.device_get(metrics))
-    evals = jax.device_get(jax.jit(train_state.eval_step)(state, eval_batch()))
+    evals = jax.device_get(jax.jit(eval_step)(state.variables, eval_batch()))
     return state, history, evals
 
 
 def train_parallel(
     p: parallel.Parallel,
-    make: Callable[..., train_state.TrainState] = make_state,
+    setup: Callable[..., Setup] = plain,
     batches_fn: Callable[[], list[dict]] = global_batches,
 ) -> tuple[train_state.TrainState, list[dict], dict]:
     """The same training through `Parallel`, each process feeding only its slice."""
-    state = p.place_state(make(p.axis_name))
+    state, train_step, eval_step = setup(p.axis_name)
+    state = p.place_state(state)
     batches = batches_fn()
-    step = p.precompile(p.compile_train_step(), state, p.shard_batch(process_slice(batches[0], p)))
+    first = p.shard_batch(process_slice(batches[0], p))
+    step = p.precompile(p.compile_train_step(train_step), state, first)
     history = []
     for batch in batches:
         state, metrics = step(state, p.shard_batch(process_slice(batch, p)))
         history.append(p.fetch(metrics))
-    return p.host_state(state), history, evaluate(p, state)
+    return p.host_state(state), history, evaluate(p, eval_step, state)
 
 
-def evaluate(p: parallel.Parallel, placed_state: train_state.TrainState) -> dict:
+def evaluate(
+    p: parallel.Parallel, eval_step: train_state.EvalStep, placed: train_state.TrainState
+) -> dict:
     batch = p.shard_batch(process_slice(eval_batch(), p))
-    return p.fetch(p.compile_eval_step()(placed_state, batch))
+    return p.fetch(p.compile_eval_step(eval_step)(placed.variables, batch))
 
 
 def flatten(prefix: str, tree) -> dict[str, np.ndarray]:
@@ -206,19 +220,17 @@ def restore(path: Path, p: parallel.Parallel, like):
 
 
 def run_modes(out: Path, ema_accumulation: bool) -> None:
-    make = functools.partial(make_state, **(EMA_ACCUMULATION if ema_accumulation else {}))
+    setup = functools.partial(plain, ema_accumulation=ema_accumulation)
     results: dict[str, np.ndarray] = {"num_devices": np.asarray(jax.device_count())}
     for mode in parallel.MODES:
-        results |= summarize(mode, *train_parallel(parallel.Parallel(mode), make))
+        results |= summarize(mode, *train_parallel(parallel.Parallel(mode), setup))
     np.savez(out / "modes.npz", **results)
 
 
 def run_mixaug(out: Path) -> None:
     results: dict[str, np.ndarray] = {"num_devices": np.asarray(jax.device_count())}
-    results |= summarize(
-        "jit", *train_parallel(parallel.Parallel("jit"), make_mixaug_state, uint8_batches)
-    )
-    bfloat16 = functools.partial(make_mixaug_state, dtype=jnp.bfloat16)
+    results |= summarize("jit", *train_parallel(parallel.Parallel("jit"), mixaug, uint8_batches))
+    bfloat16 = functools.partial(mixaug, dtype=jnp.bfloat16)
     results |= summarize(
         "pmap_bf16", *train_parallel(parallel.Parallel("pmap"), bfloat16, uint8_batches)
     )
@@ -251,8 +263,9 @@ def run_multihost(out: Path, args: argparse.Namespace) -> None:
         save(out / f"ckpt_{mode}", state)
         results |= summarize(mode, state, history, evals)
         # Resuming: the checkpoint all processes wrote, restored and placed for this mode.
-        resumed = p.place_state(restore(out / f"ckpt_{mode}", p, make_state(p.axis_name)))
-        results[f"{mode}/resumed_eval_loss_sum"] = evaluate(p, resumed)["loss_sum"]
+        like, _, eval_step = plain(p.axis_name)
+        resumed = p.place_state(restore(out / f"ckpt_{mode}", p, like))
+        results[f"{mode}/resumed_eval_loss_sum"] = evaluate(p, eval_step, resumed)["loss_sum"]
     results["num_devices"] = np.asarray(jax.device_count())
     results["num_processes"] = np.asarray(jax.process_count())
     results["local_batch_size"] = np.asarray(p.local_batch_size(GLOBAL_BATCH))

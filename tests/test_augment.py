@@ -343,14 +343,10 @@ def test_mix_and_policy_keys_are_validated_and_built():
     )
     assert preprocess.policy == "trivialaugment" and shape == (1, 32, 32, 3)
     assert builders.build_mix(good) == augment.Mix(0.2, 1.0, 1.0, 0.5)
-    # The run's state carries both into its train step (shapes only: no init compiled).
-    model = builders.build_model(good, num_classes=10)
+    # The run's train step is built with both.
     schedule = builders.build_schedule(good, builders.make_plan(good, 1000))
-    tx = builders.build_optimizer(good, schedule, model.frozen_stages)
-    state = jax.eval_shape(
-        lambda: builders.create_state(good, model, tx, schedule, preprocess, shape)
-    )
-    assert state.mix == augment.Mix(0.2, 1.0, 1.0, 0.5) and state.preprocess == preprocess
+    step = builders.build_train_step(good, preprocess, schedule, axis_name=None)
+    assert step.mix == augment.Mix(0.2, 1.0, 1.0, 0.5) and step.preprocess == preprocess
     assert builders.build_mix(config_utils.resolve({})) is None  # off by default
     cifar10 = builders.named_normalization("cifar10")
     default, _ = builders.build_preprocess(config_utils.resolve({}), (32, 32, 3), cifar10)

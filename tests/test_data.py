@@ -440,14 +440,13 @@ def test_eval_batches_in_order_with_padding_last():
     np.testing.assert_array_equal(batches[-1]["mask"], [True] * 3 + [False] * 7)
 
 
-def test_batch_size_must_divide_among_processes():
+def test_the_batch_functions_only_assert_the_arithmetic_the_run_checked():
+    # builders.make_plan explains a batch that does not fit (test_parallel.py); below it, a
+    # batch that does not divide among the processes or exceeds the data is a bug.
     split = _split(np.zeros(16))
-    with pytest.raises(DataError, match="multiple of 3"):
+    with pytest.raises(AssertionError):
         data.train_batches(split, 8, seed=0, epoch=0, process_count=3)
-    with pytest.raises(DataError, match="multiple of 3"):
+    with pytest.raises(AssertionError):
         data.eval_batches(split, 8, process_count=3)
-
-
-def test_batch_larger_than_the_data():
-    with pytest.raises(DataError, match="lower batch_size"):
+    with pytest.raises(AssertionError):
         data.steps_per_epoch(10, 16)

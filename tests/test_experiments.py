@@ -338,7 +338,7 @@ def test_unknown_config_keys_and_arms_are_refused(tmp_path):
 
 
 def test_a_diverged_arm_is_a_result_not_a_crash(tmp_path, fake_cifar, monkeypatch, capsys):
-    from resnet_jax import loop, train
+    from resnet_jax import loop
 
     calls = []
 
@@ -347,7 +347,7 @@ def test_a_diverged_arm_is_a_result_not_a_crash(tmp_path, fake_cifar, monkeypatc
         message = "Training diverged: the training loss became nan at step 2 (epoch 1)."
         raise loop.DivergedError(message, epoch=1)
 
-    monkeypatch.setattr(train, "train_and_evaluate", diverge)
+    monkeypatch.setattr(loop, "train_and_evaluate", diverge)
     args = quick_args(tmp_path, fake_cifar, "", "--arms=constant")
     lr_schedules.main(args)
     with open(tmp_path / "results.csv") as f:

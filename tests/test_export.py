@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import augment, evaluate, export, predict
+from resnet_jax import augment, builders, evaluate, export, predict
 from tests.fake_cifar import CIFAR10_CLASS_NAMES
 
 
@@ -23,16 +23,11 @@ def exported_dir(trained_run, tmp_path_factory):
 
 def checkpoint_logits(workdir, images: np.ndarray) -> np.ndarray:
     """The logits of the checkpoint evaluate reports, computed from the model's code."""
-    checkpoints, step, _ = evaluate.find_checkpoint(str(workdir), None)
-    try:
-        meta, variables = checkpoints.meta(step), checkpoints.restore_variables(step)
-    finally:
-        checkpoints.close()
-    config = evaluate.saved_config(meta, data_dir=None)
-    state = evaluate.eval_state(
-        config, variables, 10, tuple(meta["image_shape"]), meta["normalization"]
-    )
-    return np.asarray(state.apply_fn(state.variables, state.preprocess(images, None), train=False))
+    run = evaluate.load_saved_run(str(workdir), None)
+    model = builders.build_model(run.config, num_classes=10)
+    image_shape = tuple(run.meta["image_shape"])
+    preprocess, _ = builders.build_preprocess(run.config, image_shape, run.meta["normalization"])
+    return np.asarray(model.apply(run.variables, preprocess(images, None), train=False))
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])

@@ -49,7 +49,7 @@ def test_report_004s_crop_trains_and_evaluates_at_24x24():
 
 
 class _Checkpoints:
-    """The two questions chosen_checkpoint asks of a run's checkpoints."""
+    """The two questions reported_checkpoint asks of a run's checkpoints."""
 
     def latest_step(self) -> int:
         return 64_000
@@ -59,8 +59,8 @@ class _Checkpoints:
 
 
 def test_results_checkpoint_picks_the_final_or_the_best_validated():
-    assert workdir.chosen_checkpoint(_Checkpoints(), "final")[0] == 64_000
-    assert workdir.chosen_checkpoint(_Checkpoints(), "best_val")[0] == 48_000
+    assert workdir.reported_checkpoint(_Checkpoints(), "final")[0] == 64_000
+    assert workdir.reported_checkpoint(_Checkpoints(), "best_val")[0] == 48_000
 
 
 @pytest.mark.parametrize("recipe", ["resnet20", "resnet56", "resnet110", "resnet1202"])

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import checkpoint, parallel, train_state
+from resnet_jax import builders, checkpoint, config_utils, parallel, train_state
+from resnet_jax.errors import DataError
 from tests import parallel_worker as pw
 
 ATOL = 1e-5
@@ -32,19 +33,26 @@ def assert_trees_close(ref: dict, ref_prefix: str, out: dict, prefix: str, atol:
         )
 
 
+def plan(devices: int, **config):
+    """The run's plan for 1000 train examples on `devices` devices."""
+    return builders.make_plan(config_utils.resolve(config), 1000, devices)
+
+
 def test_batch_size_must_divide_over_devices():
-    parallel.check_batch_size(128, 8)
+    assert plan(8, batch_size=128, eval_batch_size=64).batch_size == 128
     with pytest.raises(parallel.ParallelError) as info:
-        parallel.check_batch_size(100, 8)
+        plan(8, batch_size=100, eval_batch_size=64)
     message = str(info.value)
     assert "100" in message and "8 devices" in message
     assert "96 or 104" in message and "--config.batch_size=96" in message
     with pytest.raises(parallel.ParallelError, match="for example 8 "):
-        parallel.check_batch_size(4, 8)  # smaller than the device count: only one suggestion
-    with pytest.raises(parallel.ParallelError, match="batch size 0"):
-        parallel.check_batch_size(0, 2)
+        plan(8, batch_size=4, eval_batch_size=64)  # smaller than the device count: one suggestion
     with pytest.raises(parallel.ParallelError, match=r"eval batch size 500 .*eval_batch_size=496"):
-        parallel.check_batch_size(500, 16, name="eval_batch_size")
+        plan(16, batch_size=128, eval_batch_size=500)
+    with pytest.raises(parallel.ParallelError, match=r"Resume it on a device count"):
+        builders.make_plan(config_utils.resolve({"batch_size": 100}), 1000, 8, resuming=True)
+    with pytest.raises(DataError, match=r"larger than the 1000 training examples"):
+        plan(1, batch_size=1024)
     assert parallel.nearest_divisible(130, 32) == (128, 160)
     assert parallel.nearest_divisible(128, 32) == (128, 128)
 
@@ -64,8 +72,8 @@ def test_one_device_local_batch():
 def test_jit_pmap_and_one_device_train_alike(tmp_path, ema_accumulation):
     # With EMA_ACCUMULATION the EMA of the weights and accumulation over micro-batches spread
     # over every device (BatchNorm on each micro-batch's 8 examples) agree as well.
-    make = functools.partial(pw.make_state, **(pw.EMA_ACCUMULATION if ema_accumulation else {}))
-    ref = pw.summarize("single", *pw.train_single(make))
+    setup = functools.partial(pw.plain, ema_accumulation=ema_accumulation)
+    ref = pw.summarize("single", *pw.train_single(setup))
     job = ["modes", str(tmp_path), *(["--ema_accumulation"] if ema_accumulation else [])]
     pw.run_workers([job], num_devices=4, log_dir=tmp_path)
     out = dict(np.load(tmp_path / "modes.npz"))
@@ -83,7 +91,7 @@ def test_jit_pmap_and_one_device_train_alike(tmp_path, ema_accumulation):
 
 
 def test_mixing_and_randaugment_on_a_mesh_and_under_pmap_in_bfloat16(tmp_path):
-    ref = pw.summarize("single", *pw.train_single(pw.make_mixaug_state, pw.uint8_batches))
+    ref = pw.summarize("single", *pw.train_single(pw.mixaug, pw.uint8_batches))
     # The policy ops take XLA a while to compile (twice in the worker) on a shared CPU.
     pw.run_workers([["mixaug", str(tmp_path)]], num_devices=4, log_dir=tmp_path, timeout=300)
     out = dict(np.load(tmp_path / "mixaug.npz"))

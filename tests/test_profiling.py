@@ -56,7 +56,9 @@ def test_a_run_that_ends_inside_the_window_still_writes_its_trace(tmp_path):
 
 def test_off_by_default_and_nothing_is_written(tmp_path):
     config = config_utils.default_config()
-    trace = profiling.StepTrace.for_run(config, tmp_path)
+    trace = profiling.StepTrace.in_workdir(
+        tmp_path, config.profile.start_step, config.profile.num_steps
+    )
 
     run_steps(trace, num_steps=3)
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from resnet_jax import config_utils, data, stream, tfds_data, transforms, workdir
+from resnet_jax import builders, config_utils, data, stream, tfds_data, transforms, workdir
 from resnet_jax.errors import ConfigError, DataError
 from tests.fake_cifar import CIFAR10_CLASS_NAMES, prepare_fake_cifar10
 from tests.fake_mnist import prepare_fake_fashion_mnist
@@ -42,13 +42,26 @@ def stream_config(root: Path, **dataset):
     return config_utils.resolve(config)
 
 
+def open_stream(config) -> stream.StreamBatches:
+    """The config's dataset streamed, evaluation in batches of 4."""
+    spec = builders.dataset_spec(config)
+    return stream.open_stream(spec, config.batch_size, 4, config.dataset.stream_workers)
+
+
+def choose_pipeline(config) -> tuple[str, str]:
+    options = config.dataset
+    return stream.choose_pipeline(
+        builders.dataset_spec(config), options.pipeline, options.memory_budget_gb
+    )
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return jpeg_folder(tmp_path / "images", {"train": {"a": 6, "b": 6}, "test": {"a": 3, "b": 2}})
 
 
 def test_batches_follow_memory_modes_order_and_resume_exactly(folder):
-    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    batches = open_stream(stream_config(folder))
     epoch = list(batches.train_batches(epoch=1))
     assert len(epoch) == 3 and all(b["image"].shape == (4, 16, 16, 3) for b in epoch)
     assert all(b["image"].dtype == np.uint8 for b in epoch)
@@ -65,7 +78,7 @@ def test_batches_follow_memory_modes_order_and_resume_exactly(folder):
 
 def test_each_process_reads_its_own_slice_of_every_batch(folder, monkeypatch):
     """Two hosts' shares, stacked, are the one-host batches: each reads only its slice."""
-    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    batches = open_stream(stream_config(folder))
     whole = list(batches.train_batches(epoch=0))
     whole_test = list(batches.eval_batches("test"))
     shares, test_shares = [], []
@@ -86,7 +99,7 @@ def test_each_process_reads_its_own_slice_of_every_batch(folder, monkeypatch):
 def test_reading_ahead_is_bounded_not_the_epoch(tmp_path):
     layout = {"train": {"a": 20, "b": 20}, "test": {"a": 1, "b": 1}}
     root = jpeg_folder(tmp_path / "images", layout, size=(8, 8))
-    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    batches = open_stream(stream_config(root))
     read = set()
     source = batches.sources["train"]
     batches.sources["train"] = stream.FolderSource(ReadLog(source.paths, read), source.labels)
@@ -111,7 +124,7 @@ class ReadLog(list):
 
 
 def test_evaluation_is_padded_and_masked(folder):
-    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    batches = open_stream(stream_config(folder))
     test = list(batches.eval_batches("test"))
     assert [b["mask"].tolist() for b in test] == [[True] * 4, [True, False, False, False]]
     assert [b["label"].tolist() for b in test] == [[0, 0, 0, 1], [1, 1, 1, 1]]
@@ -124,7 +137,7 @@ def test_an_unreadable_file_is_skipped_once_with_a_warning(folder, caplog):
     bad_train.write_bytes(bad_train.read_bytes()[:100])  # truncated
     bad_test = folder / "test" / "b" / "notes.png"
     bad_test.write_text("not an image")
-    batches = stream.open_stream(stream_config(folder), eval_batch_size=4)
+    batches = open_stream(stream_config(folder))
     with caplog.at_level(logging.WARNING):
         for epoch in (0, 1):
             assert len(list(batches.train_batches(epoch))) == 3  # full batches, none lost
@@ -143,7 +156,7 @@ def test_a_folder_streams_with_the_channels_memory_mode_reads(tmp_path, colour_i
     if colour_image:  # one is enough to make the folder RGB, in both modes
         jpeg_folder(root, {"test": {"b": 1}})
     memory = data.load(f"folder:{root}", image_size=16)
-    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    batches = open_stream(stream_config(root))
     channels = 3 if colour_image else 1
     assert batches.image_shape == memory.image_shape == (16, 16, channels)
     assert all(b["image"].shape == (4, 16, 16, channels) for b in batches.train_batches(0))
@@ -154,7 +167,7 @@ def test_a_folder_streams_with_the_channels_memory_mode_reads(tmp_path, colour_i
 
 
 def test_dataset_statistics_come_from_a_seeded_sample_of_train_views(folder, monkeypatch):
-    batches = stream.open_stream(stream_config(folder, val_fraction=0.25), eval_batch_size=4)
+    batches = open_stream(stream_config(folder, val_fraction=0.25))
     train = batches.sources["train"]
 
     def views(paths):
@@ -172,21 +185,21 @@ def test_a_damaged_dataset_is_not_skipped_file_by_file(tmp_path):
     root = jpeg_folder(tmp_path, {"train": {"a": 10, "b": 10}, "test": {"a": 1, "b": 1}})
     for path in (root / "train").glob("*/*"):
         path.write_bytes(b"")
-    batches = stream.open_stream(stream_config(root), eval_batch_size=4)
+    batches = open_stream(stream_config(root))
     with pytest.raises(DataError, match="16 files in a row cannot be decoded"):
         next(batches.train_batches(0))
 
 
 def test_auto_streams_what_does_not_fit_the_budget(folder):
     config = stream_config(folder, pipeline="auto")
-    assert stream.choose_pipeline(config)[0] == "memory"
+    assert choose_pipeline(config)[0] == "memory"
     config.dataset.memory_budget_gb = 12 * 16 * 16 * 3 / 1e9 * 0.99  # just under 12 crops
-    pipeline, why = stream.choose_pipeline(config)
+    pipeline, why = choose_pipeline(config)
     assert pipeline == "stream" and "12 images of 16x16x3" in why and "exceeds" in why
     config.dataset.image_size = 0  # memory mode would keep the files' 40x48
-    assert "12 images of 40x48x3" in stream.choose_pipeline(config)[1]
+    assert "12 images of 40x48x3" in choose_pipeline(config)[1]
     with pytest.raises(ConfigError, match=r"dataset\.image_size"):
-        stream.open_stream(config, eval_batch_size=4)
+        builders.load_batches(config)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +212,7 @@ def test_auto_streams_what_does_not_fit_the_budget(folder):
 def test_folder_problems_are_explained(tmp_path, layout, fragments):
     root = jpeg_folder(tmp_path, layout)
     with pytest.raises(DataError) as error:
-        stream.open_stream(stream_config(root), eval_batch_size=4)
+        open_stream(stream_config(root))
     for fragment in fragments:
         assert fragment in str(error.value)
 
@@ -223,7 +236,7 @@ def test_a_tfds_dataset_streams_from_its_array_record_files(tmp_path, monkeypatc
         image_size=32, val_fraction=0.0, stream_workers=0,
     )  # fmt: skip
     config.batch_size, config.eval_batch_size = 4, 4
-    batches = stream.open_stream(config_utils.resolve(config), eval_batch_size=4)
+    batches = open_stream(config_utils.resolve(config))
     assert batches.split_sizes == {"train": 20, "test": 10}
     assert list(batches.class_names) == list(CIFAR10_CLASS_NAMES)
     assert any(tmp_path.glob("cifar10/*/*.array_record*"))
@@ -257,9 +270,9 @@ def test_a_gray_tfds_dataset_streams_with_its_one_channel(tmp_path):
     )  # fmt: skip
     config.batch_size, config.eval_batch_size = 4, 4
     config = config_utils.resolve(config)
-    assert "20 images of 28x28x1" in stream.choose_pipeline(config)[1]  # its declared channels
+    assert "20 images of 28x28x1" in choose_pipeline(config)[1]  # its declared channels
     config.dataset.pipeline = "stream"
-    batches = stream.open_stream(config, eval_batch_size=4)
+    batches = open_stream(config)
     assert batches.image_shape == (28, 28, 1)
     assert all(b["image"].shape == (4, 28, 28, 1) for b in batches.train_batches(epoch=0))
     got = sorted(

@@ -10,15 +10,27 @@ import ast
 import inspect
 import json
 import re
+import shutil
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
 from absl import flags
 from absl import logging as absl_logging
 
-from resnet_jax import builders, checkpoint, cli, config_utils, evaluate, models, optim, train
+from resnet_jax import (
+    builders,
+    checkpoint,
+    cli,
+    config_utils,
+    evaluate,
+    models,
+    optim,
+    reporting,
+    train,
+)
 from resnet_jax.cpu.kernels import kernel_modules
 from resnet_jax.errors import ConfigError, UserError
 from tests.conftest import REPO_ROOT, load_recipe
@@ -366,7 +378,9 @@ def test_num_epochs_given_on_the_command_line_replaces_the_files_num_steps(
     train_cli, monkeypatch, tmp_path, args, num_steps
 ):
     seen = {}
-    monkeypatch.setattr(train, "train_and_evaluate", lambda config, _: seen.update(config=config))
+    monkeypatch.setattr(
+        train.loop, "train_and_evaluate", lambda config, _: seen.update(config=config)
+    )
     code, stderr = train_cli("--config=configs/resnet20.py", f"--workdir={tmp_path}", *args)
     assert code == 0, stderr
     assert seen["config"].num_steps == num_steps
@@ -566,16 +580,14 @@ def test_an_ema_and_accumulation_run_reports_both_weights_and_picks_by_the_ema(
     evaluated = evaluate.evaluate_checkpoint(workdir=str(tmp_path))
     assert evaluated["weights"] == "ema"
     assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+    saved = evaluate.load_saved_run(str(tmp_path), None)
     checkpoints = checkpoint.Checkpoints(tmp_path / "checkpoints", read_only=True)
     try:
-        step = results["checkpoint_step"]
-        config = config_utils.resolve(checkpoints.meta(step)["config"])
-        variables, weights = evaluate.chosen_variables(checkpoints, step, config)
-        raw = checkpoints.restore_variables(step)
+        raw = checkpoints.restore_variables(results["checkpoint_step"])
     finally:
         checkpoints.close()
-    assert weights == "ema"
-    assert not np.allclose(variables["params"]["fc"]["kernel"], raw["params"]["fc"]["kernel"])
+    assert (saved.step, saved.weights) == (results["checkpoint_step"], "ema")
+    assert not np.allclose(saved.variables["params"]["fc"]["kernel"], raw["params"]["fc"]["kernel"])
 
 
 @pytest.mark.parametrize(
@@ -593,3 +605,32 @@ def test_multi_process_flag_mistakes_are_explained(train_cli, tmp_path, args, fr
     # Checked before JAX's runtime is asked to join anything.
     code, stderr = train_cli("--config=configs/resnet20.py", f"--workdir={tmp_path}", *args)
     assert_explained(code, stderr, *fragments)
+
+
+BEFORE = REPO_ROOT / "tests" / "data" / "checkpoints_before_step_factory"
+
+
+@pytest.mark.parametrize("run", ["plain", "ema"])
+def test_a_checkpoint_written_before_the_step_factory_restores_and_resumes(
+    run, train_cli, tiny_overrides, tmp_path, caplog
+):
+    # Written by the code of dc5f1a9, whose TrainState carried the step's settings as static
+    # fields: a 1-epoch run of resnet20 at width 1 on the fake CIFAR-10 (EMA decay 0.5 in "ema").
+    workdir = tmp_path / run
+    shutil.copytree(BEFORE / run, workdir)
+    saved = evaluate.load_saved_run(str(workdir), None)
+    assert saved.step == 9 and saved.weights == ("ema" if run == "ema" else "raw")
+
+    code, stderr = train_cli(
+        *tiny_overrides, f"--workdir={workdir}", "--config.model.width=1",
+        f"--config.ema.decay={0.5 if run == 'ema' else 0.0}",
+        "--config.num_epochs=2", "--verbosity=0",
+    )  # fmt: skip
+
+    assert code == 0, stderr
+    assert "Resuming from the checkpoint at step 9." in caplog.text
+    resumed = evaluate.load_saved_run(str(workdir), None)
+    assert resumed.meta["step"] == 18
+    epochs = [r for r in reporting.read_metrics(workdir) if r["record"] == "epoch"]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(2, 18)]  # only what was left to train
+    chex.assert_trees_all_equal_structs(resumed.variables, saved.variables)

@@ -2,6 +2,7 @@
 compute, mixing, bf16 compute, frozen backbones, and masked evaluation."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -10,14 +11,21 @@ import numpy as np
 import pytest
 
 from resnet_jax import augment, models, optim, train_state
+from tests.conftest import REPO_ROOT
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 16, 16, 3)
 MEMORIZE_STEPS = 50
 
-# Compiled once per module; the jit cache keys on the state's static fields (apply_fn, tx, ...),
-# so the states below share one optimizer where they can.
-train_step = jax.jit(train_state.train_step)
+
+@functools.cache
+def jitted(step: train_state.TrainStep):
+    """`step` compiled once per module (equal settings are equal steps); the jit cache also keys on
+    the state's static fields (apply_fn, tx), so the states below share one optimizer where they
+    can."""
+    return jax.jit(step)
+
+
 eval_step = jax.jit(train_state.eval_step)
 
 
@@ -48,11 +56,14 @@ PLAIN_SCHEDULE = optim.make_schedule("exponential", 0.5, 10, decay_rate=0.5)
 PLAIN_SGD = optim.make_optimizer("sgd", PLAIN_SCHEDULE)
 
 
-def make_state(variables, model=None, tx=SGD_MOMENTUM, schedule=SCHEDULE, **kwargs):
+def make_state(variables, model=None, tx=SGD_MOMENTUM):
     return train_state.create(
-        model or tiny_model(), tx, jax.random.key(1), INPUT_SHAPE, variables=variables,
-        learning_rate_fn=schedule, **kwargs,
-    )  # fmt: skip
+        model or tiny_model(), tx, jax.random.key(1), INPUT_SHAPE, variables=variables
+    )
+
+
+# The step the states below train with: the schedule's rate reported, nothing else configured.
+train_step = jitted(train_state.TrainStep(learning_rate_fn=SCHEDULE))
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +100,10 @@ def test_learning_rate_metric_is_the_schedule_at_each_step(memorized):
 
 def test_jit_and_no_jit_steps_agree(memorized, batch):
     state = memorized[0][3]  # a few steps in: nonzero rate and momentum
-    jitted = train_step(state, batch)
-    eager = train_state.train_step(state, batch)
-    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_equal_structs(jitted, eager)
+    compiled = train_step(state, batch)
+    eager = train_state.TrainStep(learning_rate_fn=SCHEDULE)(state, batch)
+    chex.assert_trees_all_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal_structs(compiled, eager)
 
 
 def smoothed_cross_entropy(logits, labels, smoothing):
@@ -104,9 +115,10 @@ def smoothed_cross_entropy(logits, labels, smoothing):
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_train_step_is_a_plain_sgd_step_on_the_smoothed_loss(variables, batch, smoothing):
     # Eager (no jit): its op kernels are shared with the other eager steps in this module.
-    state = make_state(variables, tx=PLAIN_SGD, schedule=PLAIN_SCHEDULE, label_smoothing=smoothing)
+    state = make_state(variables, tx=PLAIN_SGD)
+    step = train_state.TrainStep(learning_rate_fn=PLAIN_SCHEDULE, label_smoothing=smoothing)
     for _ in range(2):  # step 2: a rate other than the first, and moved batch_stats
-        state, _ = train_state.train_step(state, batch)
+        state, _ = step(state, batch)
 
     def reference_loss(params):
         logits, updates = tiny_model().apply(
@@ -120,7 +132,7 @@ def test_train_step_is_a_plain_sgd_step_on_the_smoothed_loss(variables, batch, s
     (loss, (logits, updates)), grads = jax.value_and_grad(reference_loss, has_aux=True)(
         state.params
     )
-    new_state, metrics = train_state.train_step(state, batch)
+    new_state, metrics = step(state, batch)
 
     # The loss as the formula says, checked in float64 from the logits.
     logits64 = np.asarray(logits, np.float64)
@@ -157,11 +169,12 @@ def test_one_hot_targets_give_the_loss_and_grads_of_class_indices(batch, smoothi
 
 
 def test_mixing_with_probability_zero_is_the_plain_step(variables, batch):
-    plain = make_state(variables)
-    never_mixed = make_state(variables, mix=augment.Mix(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0))
+    plain = never_mixed = make_state(variables)
+    mix = augment.Mix(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0)
+    never_mixing = jitted(train_state.TrainStep(learning_rate_fn=SCHEDULE, mix=mix))
     for _ in range(2):
         plain, plain_metrics = train_step(plain, batch)
-        never_mixed, metrics = train_step(never_mixed, batch)
+        never_mixed, metrics = never_mixing(never_mixed, batch)
         chex.assert_trees_all_equal(metrics, plain_metrics)
     chex.assert_trees_all_equal(never_mixed.params, plain.params)
     chex.assert_trees_all_equal(never_mixed.batch_stats, plain.batch_stats)
@@ -181,8 +194,8 @@ class FixedMixup:
 
 def test_train_step_learns_from_the_mixed_batch_and_scores_the_dominant_label(variables, batch):
     smoothing, lam = 0.1, 0.3
-    state = make_state(variables, label_smoothing=smoothing, mix=FixedMixup(lam))
-    new_state, metrics = train_state.train_step(state, batch)
+    step = train_state.TrainStep(label_smoothing=smoothing, mix=FixedMixup(lam))
+    new_state, metrics = step(make_state(variables), batch)
 
     mixed = lam * batch["image"] + (1 - lam) * batch["image"][::-1]
     logits, updates = tiny_model().apply(variables, mixed, train=True, mutable=["batch_stats"])
@@ -299,3 +312,29 @@ def test_eval_step_ignores_padded_examples(memorized, batch):
     nothing = eval_step(state, {"image": images, "label": labels, "mask": np.zeros(8, bool)})
     assert float(nothing["count"]) == 0 and float(nothing["loss"]) == 0.0
     assert int(nothing["confusion"].sum()) == 0
+
+
+def test_the_eval_step_needs_only_the_variables(memorized, batch):
+    state = memorized[0][-1]
+    batch = {**batch, "mask": np.arange(16) < 11}
+
+    on_variables = jax.jit(train_state.EvalStep(tiny_model().apply))(state.variables, batch)
+
+    chex.assert_trees_all_close(on_variables, eval_step(state, batch), rtol=1e-6)
+
+
+@pytest.mark.slow  # compiles four steps
+def test_the_readme_python_api_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n\n")]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2).astype(np.int32)
+    batch = {"image": rng.normal(size=(2, 32, 32, 3)).astype(np.float32), "label": labels}
+    uint8_batch = {"image": rng.integers(0, 256, (2, 32, 32, 3), np.uint8), "label": labels}
+    names = {"batch": batch, "uint8_batch": uint8_batch, "mask": np.array([True, False])}
+    tiny = code.replace('"resnet50", num_classes=10, stem="cifar"', '"resnet20", 10, width=4')
+    assert tiny != code
+    exec(tiny, names)
+
+    assert int(names["state"].step) == 2 and float(names["metrics"]["count"]) == 1

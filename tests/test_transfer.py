@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from resnet_jax import builders, checkpoint, config_utils, convert, models, train
+from resnet_jax import builders, checkpoint, config_utils, convert, loop, models
 from resnet_jax.errors import ConfigError
 from tests.conftest import REPO_ROOT, load_recipe, run_module
 
@@ -122,7 +122,7 @@ def test_a_frozen_backbone_with_a_new_head_runs_end_to_end(
     config = transfer_config(pretrained, two_classes, cache_dir)
     assert config.model.freeze == "backbone" and config.optimizer.name == "adam"
 
-    results = train.train_and_evaluate(config, tmp_path)
+    results = loop.train_and_evaluate(config, tmp_path)
 
     assert (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "results.json").read_text())["class_names"] == list(CLASSES)
@@ -172,7 +172,7 @@ def test_freezing_the_first_stage_keeps_the_stem_and_stage_1_and_trains_the_rest
 ):
     config = transfer_config(pretrained, two_classes, cache_dir, freeze="1")
     config.optimizer.learning_rate = 1e-2  # every trained leaf moves visibly in two steps
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
 
     start, final = flat(start_variables(config)), flat(final_variables(tmp_path))
     moved_by_stage: dict[Any, list[bool]] = {}

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import evaluate, models, train_state
+from resnet_jax import evaluate, evaluation, models, train_state
 from resnet_jax.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def test_flip_logits_are_the_mean_of_the_image_and_its_mirror(state):
     plain = state.apply_fn(state.variables, images(), train=False)
     mirrored = state.apply_fn(state.variables, jnp.flip(images(), axis=2), train=False)
 
-    logits = evaluate.flip_averaged(state.apply_fn)(state.variables, images(), train=False)
+    logits = evaluation.flip_averaged(state.apply_fn)(state.variables, images(), train=False)
 
     np.testing.assert_allclose(logits, (plain + mirrored) / 2, rtol=1e-6, atol=1e-6)
     assert np.abs(plain - mirrored).max() > 1e-4  # the mirror did change what the model saw
@@ -35,10 +35,10 @@ def test_flip_logits_are_the_mean_of_the_image_and_its_mirror(state):
 
 def test_the_eval_step_scores_the_averaged_logits(state):
     labels = jnp.array([0, 1, 2, 3])
-    averaged = evaluate.flip_averaged(state.apply_fn)(state.variables, images(), train=False)
-    tta_state = state.replace(apply_fn=evaluate.TTA["flip"](state.apply_fn))
+    averaged = evaluation.flip_averaged(state.apply_fn)(state.variables, images(), train=False)
+    eval_step = train_state.EvalStep(evaluation.TTA["flip"](state.apply_fn))
 
-    metrics = jax.jit(train_state.eval_step)(tta_state, {"image": images(), "label": labels})
+    metrics = jax.jit(eval_step)(state.variables, {"image": images(), "label": labels})
 
     expected = optax.softmax_cross_entropy_with_integer_labels(averaged, labels).mean()
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
