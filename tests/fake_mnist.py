@@ -20,6 +20,12 @@ import numpy as np
 import pytest
 import requests
 
+# Where Debian's dataset-fashion-mnist package puts the original files (.ci/run installs it).
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_debian_files = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(),
+    reason=f"no {DEBIAN_FASHION_MNIST}: apt-get install -y dataset-fashion-mnist (.ci/run does)",
+)
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

@@ -19,10 +19,14 @@ from PIL import Image
 
 from resnet_jax import builders, checkpoint, data, evaluate, export, predict
 from tests.conftest import run_module
-from tests.fake_mnist import CLASS_NAMES, prepare_fake_fashion_mnist, write_fake_fashion_mnist
+from tests.fake_mnist import (
+    CLASS_NAMES,
+    DEBIAN_FASHION_MNIST,
+    needs_debian_files,
+    prepare_fake_fashion_mnist,
+    write_fake_fashion_mnist,
+)
 from tests.test_stream import jpeg_folder
-
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +171,7 @@ def test_a_gray_folder_trains_in_stream_mode(cache_dir, tmp_path):
     assert sorted(name for name, _ in top) == ["a", "b"]
 
 
-@pytest.mark.skipif(
-    not DEBIAN_FASHION_MNIST.is_dir(),
-    reason=f"no {DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist puts it there)",
-)
+@needs_debian_files
 def test_the_fake_files_have_the_real_fashion_mnist_layout(tmp_path):
     write_fake_fashion_mnist(tmp_path, n_train=30, n_test=10)
     for fake in sorted(tmp_path.iterdir()):
